@@ -1,0 +1,236 @@
+"""The job config: one schema for the CLI and the HTTP API.
+
+Unknown fields are rejected everywhere (``extra="forbid"``) so that a typo is an
+error a person sees, never a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ExportFormat = Literal["safetensors", "pt2", "onnx"]
+ALL_EXPORTS: tuple[ExportFormat, ...] = ("safetensors", "pt2", "onnx")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    arch: str = Field(description="A built-in architecture (see core.zoo.ARCHITECTURES) or 'torchvision:<name>'.")
+    num_classes: int | None = Field(
+        default=None, ge=2, le=100_000, description="Defaults to the dataset's class count."
+    )
+    weights: str | None = Field(
+        default=None,
+        description="Starting weights: a .safetensors or weights-only .pt file (CLI), an uploaded model id (API).",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Architecture options, e.g. depth/width.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from core.zoo import check_arch  # local: zoo imports torch, config stays light
+
+        check_arch(arch)
+        return arch
+
+
+BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+
+
+class DatasetConfig(_Strict):
+    name: str | None = Field(default=None, description=f"One of {', '.join(BUILTIN_DATASETS)}.")
+    path: str | None = Field(
+        default=None, description="An .npz (x_train, y_train, x_test, y_test) or an ImageFolder directory."
+    )
+    id: str | None = Field(default=None, description="An uploaded dataset id (API only).")
+    root: str | None = Field(default=None, description="Directory holding torchvision datasets.")
+    download: bool = Field(default=False, description="Allow torchvision to download into root.")
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.9)
+    augment: bool = Field(default=False, description="Random crop (pad 4) and horizontal flip for images.")
+    image_size: int | None = Field(default=None, ge=8, le=1024, description="Resize ImageFolder images.")
+    # synthetic only
+    num_classes: int | None = Field(default=None, ge=2, le=1000)
+    input_shape: list[int] | None = Field(default=None, min_length=1, max_length=3)
+    n_train: int | None = Field(default=None, ge=10, le=200_000)
+    n_test: int | None = Field(default=None, ge=10, le=100_000)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        given = [k for k in ("name", "path", "id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'name' (a built-in dataset), 'path' or 'id'")
+        if self.name is not None and self.name not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown dataset {self.name!r}; choose one of {', '.join(BUILTIN_DATASETS)}")
+        synthetic_only = ("num_classes", "input_shape", "n_train", "n_test")
+        if self.name != "synthetic":
+            bad = [k for k in synthetic_only if getattr(self, k) is not None]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} only apply to the 'synthetic' dataset")
+        return self
+
+
+class TrainConfig(_Strict):
+    factors: int = Field(default=3, ge=1, le=8, description="N: factors per weight (1 = plain training).")
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    step_size: int = Field(default=30, ge=1, description="Epochs between lr drops for 'step'.")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    seed: int = 0
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU.")
+    include: list[str] = Field(default_factory=list, description="fnmatch patterns of module names to compose.")
+    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names to skip.")
+
+
+class _Policy(_Strict):
+    pass
+
+
+class NonePolicy(_Policy):
+    policy: Literal["none"]
+
+
+class UniformPolicy(_Policy):
+    policy: Literal["uniform"]
+    keep: float = Field(gt=0.0, le=1.0, description="Fraction of each layer's singular values kept.")
+
+
+class GlobalPolicy(_Policy):
+    policy: Literal["global"]
+    keep: float = Field(gt=0.0, le=1.0, description="Fraction of all normalized singular values kept.")
+
+
+class EnergyPolicy(_Policy):
+    policy: Literal["energy"]
+    energy: float = Field(gt=0.0, le=1.0, description="Fraction of sum(sigma^2) kept per layer.")
+
+
+class ParamsBudgetPolicy(_Policy):
+    policy: Literal["params_budget"]
+    budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's parameters.")
+    max_evals: int = Field(default=20, ge=1, le=200)
+
+
+class FlopsBudgetPolicy(_Policy):
+    policy: Literal["flops_budget"]
+    budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's FLOPs.")
+    max_evals: int = Field(default=20, ge=1, le=200)
+
+
+class AccuracyBudgetPolicy(_Policy):
+    policy: Literal["accuracy_budget"]
+    max_drop: float | None = Field(default=None, ge=0.0, le=1.0, description="Absolute drop in val accuracy.")
+    max_rel_drop: float | None = Field(default=None, ge=0.0, le=1.0, description="Relative drop.")
+    max_evals: int = Field(default=20, ge=2, le=200)
+    refine: bool = Field(default=True, description="Per-layer greedy refinement after the bisection.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> AccuracyBudgetPolicy:
+        if (self.max_drop is None) == (self.max_rel_drop is None):
+            raise ValueError("give exactly one of 'max_drop' or 'max_rel_drop'")
+        return self
+
+
+CompressConfig = Annotated[
+    NonePolicy
+    | UniformPolicy
+    | GlobalPolicy
+    | EnergyPolicy
+    | ParamsBudgetPolicy
+    | FlopsBudgetPolicy
+    | AccuracyBudgetPolicy,
+    Field(discriminator="policy"),
+]
+POLICIES = ("none", "uniform", "global", "energy", "params_budget", "flops_budget", "accuracy_budget")
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(default=0, ge=0, le=1000)
+    lr: float | None = Field(default=None, gt=0.0, description="Defaults to a tenth of the training lr.")
+    optimizer: Literal["sgd", "adam", "adamw"] | None = None
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    patience: int = Field(default=3, ge=1, description="Stop after this many epochs without val improvement.")
+
+
+class MeasureConfig(_Strict):
+    latency: bool = True
+    latency_repeats: int = Field(default=20, ge=1, le=1000)
+    threads: int = Field(default=1, ge=1, le=256)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+
+
+class JobConfig(_Strict):
+    name: str | None = Field(default=None, max_length=200)
+    model: ModelConfig
+    dataset: DatasetConfig
+    train: TrainConfig | None = Field(default_factory=TrainConfig, description="null: compress given weights.")
+    compress: CompressConfig = Field(default_factory=lambda: GlobalPolicy(policy="global", keep=0.3))
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    export: list[ExportFormat] = Field(default_factory=lambda: list(ALL_EXPORTS))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _needs_weights_without_training(self) -> JobConfig:
+        if self.train is None and self.model.weights is None:
+            raise ValueError("'train' is null (compress only) but 'model.weights' is not set: give weights")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config a person must fix; the message says what and how."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; remove it (see the job config schema for valid fields)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown policy; choose one of {', '.join(POLICIES)}"
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid job config: {format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path) -> JobConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    config = parse_config(data)
+    # relative paths in a config file are relative to the file
+    base = path.resolve().parent
+    if config.model.weights and not Path(config.model.weights).is_absolute():
+        candidate = base / config.model.weights
+        if candidate.exists():
+            config.model.weights = str(candidate)
+    if config.dataset.path and not Path(config.dataset.path).is_absolute():
+        candidate = base / config.dataset.path
+        if candidate.exists():
+            config.dataset.path = str(candidate)
+    return config

@@ -1,0 +1,109 @@
+"""Thin replacement layers: a dense Linear/Conv2d of rank r stored as two plain layers.
+
+A Linear ``out x in`` becomes ``Linear(in, r, bias=False) -> Linear(r, out, bias)``.
+A Conv2d ``(out, in, kh, kw)`` becomes ``Conv2d(in, r, (kh, kw), stride, padding,
+dilation, padding_mode, bias=False) -> Conv2d(r, out, 1, bias)``: the first conv
+carries every spatial setting, so the pair computes exactly ``U_r S_r V_r^T`` applied
+to the unfolded input.
+
+The pair is an ``nn.Sequential`` of stock modules so exports (ONNX, torch.export) and
+any plain PyTorch code handle it without custom ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+THIN_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """(m, n) of the weight seen as a matrix: conv weights are ``(out, in*kh*kw)``."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return layer.out_channels, layer.in_channels // layer.groups * kh * kw
+    raise TypeError(f"no matrix shape for {type(layer).__name__}")
+
+
+def saves_parameters(rank: int, m: int, n: int) -> bool:
+    """A rank-r pair stores r*(m+n) weights; it is worth it only when that is below m*n."""
+    return rank * (m + n) < m * n
+
+
+def empty_thin_pair(layer: nn.Module, rank: int) -> nn.Sequential:
+    """An uninitialized thin pair with the same interface as ``layer``."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    dev, dtype = layer.weight.device, layer.weight.dtype
+    has_bias = getattr(layer, "bias", None) is not None
+    if isinstance(layer, nn.Linear):
+        first: nn.Module = nn.Linear(layer.in_features, rank, bias=False, device=dev, dtype=dtype)
+        second: nn.Module = nn.Linear(rank, layer.out_features, bias=has_bias, device=dev, dtype=dtype)
+    elif isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError("grouped convolutions are not factorized")
+        first = nn.Conv2d(
+            layer.in_channels,
+            rank,
+            layer.kernel_size,  # type: ignore[arg-type]
+            stride=layer.stride,  # type: ignore[arg-type]
+            padding=layer.padding,  # type: ignore[arg-type]
+            dilation=layer.dilation,  # type: ignore[arg-type]
+            padding_mode=layer.padding_mode,
+            bias=False,
+            device=dev,
+            dtype=dtype,
+        )
+        second = nn.Conv2d(rank, layer.out_channels, 1, bias=has_bias, device=dev, dtype=dtype)
+    else:
+        raise TypeError(f"cannot make a thin pair for {type(layer).__name__}")
+    return nn.Sequential(first, second)
+
+
+def thin_pair_from_factors(layer: nn.Module, left: torch.Tensor, right: torch.Tensor) -> nn.Sequential:
+    """A thin pair whose product ``left @ right`` (m x r times r x n) replaces ``layer.weight``."""
+    rank = left.shape[1]
+    pair = empty_thin_pair(layer, rank)
+    first, second = pair[0], pair[1]
+    with torch.no_grad():
+        first.weight.copy_(right.reshape(first.weight.shape))
+        second.weight.copy_(left.reshape(second.weight.shape))
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return pair
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def install_empty_thin_pairs(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Give ``model`` the structure of a compressed model (used to reload a checkpoint).
+
+    ``ranks`` maps module names to the kept rank of each factorized layer.
+    """
+    for name, rank in ranks.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, THIN_TYPES):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear or Conv2d")
+        set_submodule(model, name, empty_thin_pair(layer, rank))
+    return model
+
+
+def named_matrix_layers(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """Linear and ungrouped Conv2d modules, in definition order (optionally only ``names``)."""
+    wanted = set(names) if names is not None else None
+    out = []
+    for name, mod in model.named_modules():
+        if wanted is not None and name not in wanted:
+            continue
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
+            out.append((name, mod))
+    return out
