@@ -1,0 +1,39 @@
+"""Uploaded datasets (.npz files and extracted ImageFolder trees)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from store.models import Dataset
+
+
+def add(session: Session, record: Dataset) -> Dataset:
+    session.add(record)
+    session.flush()
+    return record
+
+
+def get_for_tenant(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:
+    stmt = select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    return session.scalars(stmt).one_or_none()
+
+
+def get(session: Session, dataset_id: str) -> Dataset | None:
+    """Any tenant's dataset: for the worker, which already holds a tenant-checked job."""
+    return session.get(Dataset, dataset_id)
+
+
+def list_for_tenant(
+    session: Session, tenant_id: str, limit: int = 20, offset: int = 0
+) -> tuple[list[Dataset], int]:
+    where = Dataset.tenant_id == tenant_id
+    count = session.scalar(select(func.count()).select_from(Dataset).where(where)) or 0
+    stmt = (
+        select(Dataset)
+        .where(where)
+        .order_by(Dataset.created_at.desc(), Dataset.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(stmt)), count
