@@ -165,6 +165,9 @@ def make_synthetic(
     Templates are drawn at a quarter of the resolution and upsampled, so they survive
     the crop/flip augmentation a CNN may be trained with.
     """
+    if len(input_shape) == 2:
+        # (H, W) means a one-channel image, as for an NHW .npz
+        input_shape = (1, *input_shape)
     gen = torch.Generator().manual_seed(seed)
     templates = _smooth_templates(num_classes, input_shape, gen)
 

@@ -88,6 +88,12 @@ def test_synthetic_is_deterministic_and_shaped() -> None:
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
 
 
+def test_synthetic_height_width_shape_is_a_one_channel_image() -> None:
+    cfg = DatasetConfig(name="synthetic", num_classes=3, input_shape=[6, 6], n_train=30, n_test=10)
+    data = load_data(cfg)
+    assert data.input_shape == (1, 6, 6) and data.is_image
+
+
 def test_synthetic_is_learnable_by_nearest_class_mean() -> None:
     data = _synthetic()
     x, y = _all_x(data, "train").flatten(1), _all_y(data, "train")
