@@ -1,0 +1,259 @@
+"""The job task: claim, resolve references, delegate to ``core.pipeline.run_job``, record.
+
+Thin and idempotent by construction: the claim is a compare-and-set, so a duplicate message, a
+finished job or a job another worker runs is a no-op; a rerun after a crash resumes from the
+training checkpoint in the job's ``work/`` folder. Every write carries the claimed attempt.
+
+core (and torch) is imported inside the task only, in the pool's child process: the worker's
+main process never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+from sqlalchemy.exc import SQLAlchemyError
+
+from store import lifecycle
+from store.artifacts import get_artifact_store, job_key, sha256_file
+from store.db import session_scope
+from store.models import Dataset, Job, ModelRecord
+from store.settings import get_settings
+from worker.celery_app import TASK_RUN_JOB, app
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 1.0
+CANCEL_POLL_INTERVAL_S = 1.0
+
+
+class UnresolvedReference(Exception):
+    """A model or dataset id in the job config that does not resolve (a person's error)."""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve_references(config: dict[str, Any], tenant_id: str, store: Any) -> dict[str, Any]:
+    """Replace uploaded model / dataset ids by the local paths of their files."""
+    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    with session_scope() as session:
+        model = config.get("model") or {}
+        weights = model.get("weights")
+        if weights:
+            record = session.get(ModelRecord, weights)
+            if record is None or record.tenant_id != tenant_id:
+                raise UnresolvedReference(f"model {weights!r} not found; upload it with POST /v1/models")
+            model["weights"] = str(store.path_for(record.location))
+        dataset = config.get("dataset") or {}
+        dataset_id = dataset.get("id")
+        if dataset_id:
+            ds = session.get(Dataset, dataset_id)
+            if ds is None or ds.tenant_id != tenant_id:
+                raise UnresolvedReference(
+                    f"dataset {dataset_id!r} not found; upload it with POST /v1/datasets"
+                )
+            dataset["id"] = None
+            dataset["path"] = str(store.path_for(ds.location))
+    return config
+
+
+class JobReporter:
+    """The progress / should_stop callbacks of one run, plus a heartbeat thread.
+
+    Progress is written at most once per second, and always at a stage change or a new epoch
+    (those also become job events). A write refused as stale, or a lost heartbeat, makes
+    ``should_stop`` answer True so that a superseded run stops early.
+    """
+
+    def __init__(self, job_id: str, attempt: int, lease_seconds: float) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.lease_seconds = lease_seconds
+        self.stale = False
+        self.started = time.monotonic()
+        self._last_write = 0.0
+        self._last_key: tuple[Any, Any] | None = None
+        self._last_cancel_poll = 0.0
+        self._cancel = False
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="lorita-heartbeat", daemon=True)
+
+    def __enter__(self) -> JobReporter:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._beat.join(timeout=5)
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(1.0, self.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            try:
+                with session_scope() as session:
+                    if not lifecycle.heartbeat(session, self.job_id, self.attempt, self.lease_seconds):
+                        self.stale = True
+                        return
+            except SQLAlchemyError:
+                log.exception("heartbeat of job %s failed", self.job_id)
+
+    def eta(self, fraction: float) -> float | None:
+        if fraction < 0.02:
+            return None
+        elapsed = time.monotonic() - self.started
+        return max(0.0, elapsed / fraction * (1.0 - fraction))
+
+    def progress(self, p: Any) -> None:
+        key = (p.stage, p.epoch)
+        significant = key != self._last_key
+        now = time.monotonic()
+        if not significant and now - self._last_write < PROGRESS_INTERVAL_S:
+            return
+        try:
+            with session_scope() as session:
+                ok = lifecycle.record_progress(
+                    session,
+                    self.job_id,
+                    self.attempt,
+                    p,
+                    lease_seconds=self.lease_seconds,
+                    eta_seconds=self.eta(p.fraction),
+                    event=significant,
+                )
+        except SQLAlchemyError:
+            log.exception("could not record progress of job %s", self.job_id)
+            return
+        self._last_write = now
+        self._last_key = key
+        if not ok:
+            self.stale = True
+
+    def should_stop(self) -> bool:
+        if self.stale or self._cancel:
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_poll >= CANCEL_POLL_INTERVAL_S:
+            self._last_cancel_poll = now
+            try:
+                with session_scope() as session:
+                    self._cancel = lifecycle.cancel_requested(session, self.job_id)
+            except SQLAlchemyError:
+                log.exception("could not poll cancel of job %s", self.job_id)
+        return self._cancel or self.stale
+
+
+def _collect_artifacts(out_dir: Path, prefix: str, store: Any) -> list[tuple[str, int, str, str]]:
+    """Every file of ``out_dir`` as (name, size, sha256, location), stored under ``prefix``."""
+    artifacts = []
+    for path in sorted(out_dir.iterdir()):
+        if not path.is_file():
+            continue
+        key = f"{prefix}/{path.name}"
+        if Path(store.path_for(key)).resolve() == path.resolve():
+            size, sha256 = sha256_file(path)
+        else:  # a store that is not this folder: copy the file in
+            size, sha256 = store.put_file(key, path)
+        artifacts.append((path.name, int(size), sha256, key))
+    return artifacts
+
+
+def _record_outcome(job_id: str, attempt: int, status: str, message: str | None = None) -> None:
+    with session_scope() as session:
+        if status == "canceled":
+            done = lifecycle.mark_canceled(session, job_id, attempt)
+        else:
+            done = lifecycle.fail(session, job_id, attempt, message or "failed")
+    if not done:
+        log.warning("job %s attempt %d is stale; its %s outcome was not recorded", job_id, attempt, status)
+
+
+def execute_job(job_id: str, worker: str | None = None) -> str:
+    """Run one claimed attempt of ``job_id``; return what happened (for logs and tests)."""
+    settings = get_settings()
+    with session_scope() as session:
+        attempt = lifecycle.claim(session, job_id, worker or worker_id(), settings.lease_seconds)
+    if attempt is None:
+        log.info("job %s is not claimable (finished, canceled or taken); skipping", job_id)
+        return "skipped"
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None  # we just claimed it
+        raw_config, tenant_id = dict(job.config), job.tenant_id
+    log.info("job %s: attempt %d started", job_id, attempt)
+
+    from core.config import ConfigError, parse_config
+    from core.pipeline import run_job
+    from core.progress import JobCanceled, JobError
+
+    store = get_artifact_store(settings)
+    # each attempt writes its own folder, so a superseded run cannot touch recorded files
+    prefix = job_key(tenant_id, job_id, f"a{attempt}")
+    job_dir = Path(store.path_for(job_key(tenant_id, job_id)))
+    work_dir = job_dir / "work"
+    out_dir = Path(store.path_for(prefix))
+    reporter = JobReporter(job_id, attempt, settings.lease_seconds)
+    try:
+        config = parse_config(resolve_references(raw_config, tenant_id, store))
+        if out_dir.exists():  # leftovers of a crash of this very attempt
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with reporter:
+            report = run_job(
+                config,
+                out_dir,
+                work_dir=work_dir,
+                progress=reporter.progress,
+                should_stop=reporter.should_stop,
+            )
+        artifacts = _collect_artifacts(out_dir, prefix, store)
+        with session_scope() as session:
+            done = lifecycle.complete(session, job_id, attempt, report, artifacts)
+    except JobCanceled:
+        if reporter.stale:
+            log.warning("job %s attempt %d was superseded; stopped", job_id, attempt)
+            return "stale"
+        _record_outcome(job_id, attempt, "canceled")
+        log.info("job %s canceled", job_id)
+        return "canceled"
+    except (JobError, ConfigError, UnresolvedReference) as err:
+        _record_outcome(job_id, attempt, "failed", str(err))
+        log.info("job %s failed: %s", job_id, err)
+        return "failed"
+    except Exception as err:
+        log.error("job %s attempt %d: internal error\n%s", job_id, attempt, traceback.format_exc())
+        _record_outcome(job_id, attempt, "failed", f"internal error: {type(err).__name__}: {err}")
+        return "failed"
+    if not done:
+        log.warning("job %s attempt %d finished but was superseded; result discarded", job_id, attempt)
+        return "stale"
+    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is no longer needed
+    log.info("job %s succeeded (attempt %d)", job_id, attempt)
+    return "succeeded"
+
+
+@app.task(name=TASK_RUN_JOB, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def run_job_task(job_id: str) -> str:
+    return execute_job(job_id)
+
+
+@signals.worker_process_init.connect
+def _fresh_connections_after_fork(**_: Any) -> None:
+    """A forked pool process must not reuse the parent's pooled database connections."""
+    import store.db as db
+
+    for engine in list(db._engines.values()):
+        engine.dispose(close=False)
+    db._engines.clear()
+    db._sessionmakers.clear()
