@@ -12,9 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import local_commands
 
     local_commands.register(sub)
+    import importlib
+
     try:
-        from cli import service_commands
-    except ImportError:  # the service commands are optional for a core-only install
+        service_commands = importlib.import_module("cli.service_commands")
+    except ModuleNotFoundError:  # a core-only install has no service commands
         pass
     else:
         service_commands.register(sub)

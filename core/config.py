@@ -21,7 +21,9 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: str = Field(description="A built-in architecture (see core.zoo.ARCHITECTURES) or 'torchvision:<name>'.")
+    arch: str = Field(
+        description="A built-in architecture (see core.zoo.ARCHITECTURES) or 'torchvision:<name>'."
+    )
     num_classes: int | None = Field(
         default=None, ge=2, le=100_000, description="Defaults to the dataset's class count."
     )
@@ -29,7 +31,9 @@ class ModelConfig(_Strict):
         default=None,
         description="Starting weights: a .safetensors or weights-only .pt file (CLI), an uploaded model id (API).",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Architecture options, e.g. depth/width.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Architecture options, e.g. depth/width."
+    )
 
     @field_validator("arch")
     @classmethod
@@ -89,7 +93,9 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=128, ge=1, le=65_536)
     seed: int = 0
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU.")
-    include: list[str] = Field(default_factory=list, description="fnmatch patterns of module names to compose.")
+    include: list[str] = Field(
+        default_factory=list, description="fnmatch patterns of module names to compose."
+    )
     exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names to skip.")
 
 
@@ -174,7 +180,9 @@ class JobConfig(_Strict):
     name: str | None = Field(default=None, max_length=200)
     model: ModelConfig
     dataset: DatasetConfig
-    train: TrainConfig | None = Field(default_factory=TrainConfig, description="null: compress given weights.")
+    train: TrainConfig | None = Field(
+        default_factory=TrainConfig, description="null: compress given weights."
+    )
     compress: CompressConfig = Field(default_factory=lambda: GlobalPolicy(policy="global", keep=0.3))
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)

@@ -14,3 +14,377 @@ Contract used by the CLI and the worker:
 - A :class:`core.progress.JobError` or :class:`core.config.ConfigError` carries a message for
   a person. Returns the report dict (also written to ``out_dir / "report.json"``).
 """
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import svt
+from core.config import ConfigError, FinetuneConfig, JobConfig, TrainConfig
+from core.progress import JobError, Progress, ProgressFn, StopFn
+from core.train import FitSettings, StageWindow, accuracy, fingerprint, fit, resolve_device
+
+REPORT_FILE = "report.json"
+DENSE_DIR = "dense"  # the collapsed, uncompressed model: what `lorita select` starts from
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# Where each stage sits in the job's overall progress (0..1).
+_WINDOWS = {
+    "prepare": (0.0, 0.02),
+    "train": (0.02, 0.80),
+    "collapse": (0.80, 0.81),
+    "compress": (0.81, 0.86),
+    "finetune": (0.86, 0.93),
+    "measure": (0.93, 0.96),
+    "export": (0.96, 1.0),
+}
+
+
+def window(stage: str) -> StageWindow:
+    start, end = _WINDOWS[stage]
+    return StageWindow(stage, start, end)
+
+
+class _Job:
+    """Bookkeeping shared by the stages: progress, cancellation, timings."""
+
+    def __init__(self, progress: ProgressFn | None, should_stop: StopFn | None) -> None:
+        self.progress = progress
+        self.should_stop = should_stop
+        self.timings: dict[str, float] = {}
+
+    def report(self, stage: str, inner: float = 0.0, message: str = "") -> None:
+        if self.progress is not None:
+            self.progress(Progress(stage, window(stage).at(inner), message=message))
+
+    def check_stop(self) -> None:
+        from core.progress import JobCanceled
+
+        if self.should_stop is not None and self.should_stop():
+            raise JobCanceled("canceled")
+
+    @contextmanager
+    def stage(self, name: str, message: str = "") -> Iterator[None]:
+        self.check_stop()
+        self.report(name, 0.0, message)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def train_settings(cfg: TrainConfig, augment: bool) -> FitSettings:
+    return FitSettings(
+        epochs=cfg.epochs,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        step_size=cfg.step_size,
+        gamma=cfg.gamma,
+        label_smoothing=cfg.label_smoothing,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        amp=cfg.amp,
+        augment=augment,
+    )
+
+
+def finetune_settings(ft: FinetuneConfig, train: TrainConfig | None, augment: bool) -> FitSettings:
+    base = train or TrainConfig()
+    return FitSettings(
+        epochs=ft.epochs,
+        optimizer=ft.optimizer or base.optimizer,
+        lr=ft.lr if ft.lr is not None else base.lr / 10,
+        momentum=base.momentum,
+        weight_decay=ft.weight_decay,
+        schedule="cosine",
+        label_smoothing=base.label_smoothing,
+        batch_size=base.batch_size,
+        seed=base.seed + 1,
+        amp=base.amp,
+        augment=augment,
+        patience=ft.patience,
+        keep_best=True,
+    )
+
+
+def build(config: JobConfig, data: Any) -> nn.Module:
+    """The model of ``config`` for ``data``, with its starting weights when given."""
+    from core.export import WeightsError, load_weights_into
+    from core.zoo import build_model
+
+    num_classes = config.model.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise ConfigError(
+            f"model.num_classes is {num_classes} but the dataset has {data.num_classes} classes; "
+            "remove model.num_classes or raise it"
+        )
+    seed = config.train.seed if config.train else 0
+    torch.manual_seed(seed)
+    try:
+        model = build_model(config.model.arch, num_classes, data.input_shape, config.model.options)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    if config.model.weights:
+        path = Path(config.model.weights)
+        if not path.is_file():
+            raise ConfigError(f"model.weights: {path} does not exist; give a .safetensors or .pt file")
+        try:
+            load_weights_into(model, path)
+        except WeightsError as err:
+            raise JobError(f"model.weights do not fit {config.model.arch}: {err}") from None
+    return model
+
+
+def choose_ranks(
+    config: JobConfig,
+    spectra: dict[str, svt.Spectrum],
+    dense_params: int,
+    dense_flops: int,
+    evaluate: Callable[[svt.Ranks], float],
+) -> tuple[svt.Ranks, list[dict[str, Any]]]:
+    """The ranks the config's policy asks for, and every point evaluated on the way."""
+    policy = config.compress
+    other_params = dense_params - sum(sp.dense_params() for sp in spectra.values())
+    other_flops = dense_flops - sum(sp.flops_at(sp.full_rank) for sp in spectra.values())
+    full = {k: sp.full_rank for k, sp in spectra.items()}
+    if policy.policy == "none":
+        ranks = full
+    elif policy.policy == "uniform":
+        ranks = svt.ranks_uniform(spectra, policy.keep)
+    elif policy.policy == "global":
+        ranks = svt.ranks_global(spectra, policy.keep)
+    elif policy.policy == "energy":
+        ranks = svt.ranks_energy(spectra, policy.energy)
+    elif policy.policy in ("params_budget", "flops_budget", "accuracy_budget"):
+        search = _optional_search()
+        if search is not None:
+            return search.choose(policy, spectra, other_params, other_flops, evaluate)  # type: ignore[no-any-return]
+        if policy.policy == "accuracy_budget":
+            raise ConfigError("the accuracy_budget policy is not available in this build")
+        cost = "params" if policy.policy == "params_budget" else "flops"
+        dense = dense_params if cost == "params" else dense_flops
+        other = other_params if cost == "params" else other_flops
+        ranks, _ = svt.ranks_under_budget(spectra, cost, math.floor(policy.budget * dense), other)
+    else:  # pragma: no cover - the config schema rejects other names
+        raise ConfigError(f"unknown policy {policy.policy!r}")
+    point = {
+        "ranks": svt.effective_ranks(spectra, ranks),
+        "params": svt.params_of(spectra, ranks, other_params),
+        "flops": svt.flops_of(spectra, ranks, other_flops),
+        "val_accuracy": evaluate(ranks),
+    }
+    return ranks, [point]
+
+
+def _optional_search() -> Any:
+    """core.search (the data-driven rank search) when this build has it."""
+    import importlib
+
+    try:
+        return importlib.import_module("core.search")
+    except ModuleNotFoundError:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_job(
+    config: JobConfig,
+    out_dir: str | Path,
+    *,
+    work_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> dict[str, Any]:
+    """Run the whole job of ``config``; write the artifacts into ``out_dir``; return the report."""
+    from core.data import DataError, load_data
+    from core.export import ExportError, ModelMeta, export_all, save_model
+    from core.lorita import apply_lorita, collapse, find_targets
+    from core.metrics import count_flops, count_params, summarize
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir is not None else out / "work"
+    job = _Job(progress, should_stop)
+    device = resolve_device(config.device)
+    seed = config.train.seed if config.train else 0
+
+    with job.stage("prepare", "loading data and building the model"):
+        try:
+            data = load_data(config.dataset, seed=seed)
+        except DataError as err:
+            raise JobError(f"dataset: {err}") from None
+        model = build(config, data)
+        num_classes = config.model.num_classes or data.num_classes
+
+    training: dict[str, Any] = {"factors": config.train.factors if config.train else None}
+    if config.train is not None:
+        tcfg = config.train
+        with job.stage("train", f"LoRITa training with N={tcfg.factors}"):
+            composed = apply_lorita(
+                model,
+                tcfg.factors,
+                tcfg.include,
+                tcfg.exclude,
+                init="weights" if config.model.weights else "scratch",
+                seed=tcfg.seed,
+            )
+            tag = fingerprint(
+                config.model.model_dump(),
+                config.dataset.model_dump(),
+                tcfg.model_dump(),
+                num_classes,
+            )
+            result = fit(
+                model,
+                data.train,
+                data.val,
+                train_settings(tcfg, config.dataset.augment),
+                device=device,
+                checkpoint=work / CHECKPOINT_FILE,
+                tag=tag,
+                progress=progress,
+                should_stop=should_stop,
+                window=window("train"),
+            )
+            training.update(
+                composed=[t.name for t in composed],
+                skipped={t.name: t.reason for t in find_targets(model) if not t.eligible},
+                history=result.history,
+                resumed_from_epoch=result.resumed_from_epoch,
+            )
+        with job.stage("collapse", "merging the factors"):
+            try:
+                collapse(model)
+            except ValueError as err:
+                raise JobError(str(err)) from None
+    model.to(device).eval()
+
+    with job.stage("compress", "SVD of each layer and rank selection"):
+        dense_val = accuracy(model, data.val)
+        dense_params = count_params(model)
+        dense_flops = count_flops(model, data.input_shape)
+        spectra = svt.compute_spectra(model, data.input_shape)
+
+        def evaluate(ranks: svt.Ranks) -> float:
+            job.check_stop()
+            return accuracy(svt.truncate(model, spectra, ranks), data.val)
+
+        ranks, pareto = choose_ranks(config, spectra, dense_params, dense_flops, evaluate)
+        compressed = svt.truncate(model, spectra, ranks)
+        compressed_val = accuracy(compressed, data.val)
+
+    finetune_info: dict[str, Any] | None = None
+    if config.finetune.epochs > 0:
+        with job.stage("finetune", "fine-tuning the compressed model"):
+            tuned = copy.deepcopy(compressed)
+            ft = fit(
+                tuned,
+                data.train,
+                data.val,
+                finetune_settings(config.finetune, config.train, config.dataset.augment),
+                device=device,
+                progress=progress,
+                should_stop=should_stop,
+                window=window("finetune"),
+            )
+            tuned_val = accuracy(tuned, data.val)
+            kept = tuned_val >= compressed_val  # never return a model worse than the untuned one
+            finetune_info = {
+                "history": ft.history,
+                "val_accuracy_before": compressed_val,
+                "val_accuracy_after": tuned_val,
+                "kept": kept,
+            }
+            if kept:
+                compressed, compressed_val = tuned, tuned_val
+
+    with job.stage("measure", "accuracy, parameters, FLOPs, latency"):
+        m = config.measure
+        before = summarize(model, data.input_shape, m.batch_sizes, m.latency_repeats, m.threads, m.latency)
+        after = summarize(
+            compressed, data.input_shape, m.batch_sizes, m.latency_repeats, m.threads, m.latency
+        )
+        test_before = accuracy(model, data.test)
+        test_after = accuracy(compressed, data.test)
+
+    with job.stage("export", f"writing {', '.join(config.export)}"):
+        table = svt.rank_table(spectra, ranks)
+        meta = ModelMeta(
+            arch=config.model.arch,
+            num_classes=num_classes,
+            input_shape=list(data.input_shape),
+            options=dict(config.model.options),
+            ranks=table,
+        )
+        example = data.test.tensors[0][:2]
+        try:
+            files = export_all(compressed, meta, out, list(config.export), example)
+        except ExportError as err:
+            raise JobError(str(err)) from None
+        dense_meta = ModelMeta(
+            config.model.arch, num_classes, list(data.input_shape), dict(config.model.options)
+        )
+        save_model(model.cpu(), dense_meta, out / DENSE_DIR)
+
+    report = {
+        "name": config.name,
+        "config": config.model_dump(mode="json"),
+        "dataset": {
+            "name": data.name,
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+            "n_train": len(data.train),
+            "n_val": len(data.val),
+            "n_test": len(data.test),
+        },
+        "params": _before_after(before["params"], after["params"]),
+        "flops": _before_after(before["flops"], after["flops"]),
+        "accuracy": {
+            "val": {"before": dense_val, "after": compressed_val},
+            "test": {"before": test_before, "after": test_after},
+        },
+        "latency_ms": {
+            b: {"before": before["latency_ms"][b], "after": after["latency_ms"][b]}
+            for b in before.get("latency_ms", {})
+        },
+        "ranks": table,
+        "pareto": pareto,
+        "training": training,
+        "finetune": finetune_info,
+        "files": files,
+        "timings": job.timings,
+        "device": str(device),
+        "versions": _versions(),
+    }
+    tmp = out / (REPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out / REPORT_FILE)
+    if progress is not None:
+        progress(Progress("done", 1.0, message="finished"))
+    return report
+
+
+def _before_after(before: int, after: int) -> dict[str, Any]:
+    return {"before": before, "after": after, "ratio": after / before if before else None}

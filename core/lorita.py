@@ -1,0 +1,366 @@
+"""LoRITa: over-parameterize each eligible weight as a product of N factors.
+
+Composition happens in *weight space* with ``torch.nn.utils.parametrize``: the layer keeps
+its ordinary forward, and its ``weight`` becomes the product of N trainable factors,
+formed once per forward pass. ``collapse`` multiplies the factors back into a plain
+parameter, so the model has exactly its original module types and ``state_dict`` keys.
+
+Note: with weight decay ``lambda`` on N factors, the balanced optimum satisfies
+``(1/N) sum_i ||W_i||_F^2 = sum_j sigma_j(W)^(2/N)``: plain weight decay on the factors is
+a Schatten-(2/N) penalty on the product, which for N >= 2 drives it toward low rank.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from core.layers import set_submodule
+
+# ---------------------------------------------------------------------------------------
+# The parametrization
+# ---------------------------------------------------------------------------------------
+
+
+def _product(factors: Sequence[torch.Tensor], left: bool) -> torch.Tensor:
+    """``S_{N-1} ... S_1 F`` when the squares sit on the left, ``F S_1 ... S_{N-1}`` otherwise."""
+    full, squares = factors[0], factors[1:]
+    out = full
+    for sq in squares:
+        out = sq @ out if left else out @ sq
+    return out
+
+
+def _balanced_factors(matrix: torch.Tensor, n_factors: int, left: bool) -> list[torch.Tensor]:
+    """An exact factorization of ``matrix`` (m x n) into one full and N-1 square factors.
+
+    Note: with ``matrix = U S V^T`` (k = min(m, n)), each factor carries ``S^(1/N)``:
+    squares ``Q_i = U S^(1/N) U^T`` (left, m = k) or ``V S^(1/N) V^T`` (right, n = k) and the
+    full factor ``U S^(1/N) V^T``. Their product is ``U S V^T`` and all N factors have the
+    same singular values, which is the balanced point weight decay converges to.
+    """
+    work = matrix.double()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    root = s.pow(1.0 / n_factors)
+    full = (u * root) @ vh
+    square = (u * root) @ u.T if left else (vh.T * root) @ vh
+    dtype = matrix.dtype
+    return [full.to(dtype)] + [square.to(dtype).clone() for _ in range(n_factors - 1)]
+
+
+class _Factorized(nn.Module):
+    """Parametrization ``weight = product of N factors`` for one matrix-shaped weight.
+
+    ``weight_shape`` is the parameter's real shape (conv weights are 4-D); the product is
+    formed on the ``(shape[0], prod(shape[1:]))`` matrix and reshaped back.
+    """
+
+    def __init__(self, weight_shape: torch.Size, n_factors: int) -> None:
+        super().__init__()
+        if n_factors < 2:
+            raise ValueError(f"LoRITa needs at least 2 factors, got {n_factors}")
+        self.weight_shape = tuple(weight_shape)
+        self.m = weight_shape[0]
+        self.n = math.prod(weight_shape[1:])
+        self.n_factors = n_factors
+        # Square factors go on the smaller side so that each costs min(m, n)^2.
+        self.left = self.m <= self.n
+
+    def forward(self, *factors: torch.Tensor) -> torch.Tensor:
+        return _product(factors, self.left).reshape(self.weight_shape)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"expected a weight of shape {self.weight_shape}, got {tuple(weight.shape)}")
+        matrix = weight.reshape(self.m, self.n)
+        return tuple(_balanced_factors(matrix, self.n_factors, self.left))
+
+
+class _StackedFactorized(nn.Module):
+    """``nn.MultiheadAttention.in_proj_weight`` stacks q, k and v: factorize each block apart.
+
+    Originals are ordered ``[q factors..., k factors..., v factors...]``.
+    """
+
+    def __init__(self, weight_shape: torch.Size, n_factors: int, blocks: int = 3) -> None:
+        super().__init__()
+        rows, cols = weight_shape
+        if rows % blocks:
+            raise ValueError(f"in_proj_weight of shape {tuple(weight_shape)} does not split into {blocks}")
+        self.blocks = blocks
+        self.block = _Factorized(torch.Size((rows // blocks, cols)), n_factors)
+
+    def forward(self, *factors: torch.Tensor) -> torch.Tensor:
+        n = self.block.n_factors
+        return torch.cat([self.block(*factors[i * n : (i + 1) * n]) for i in range(self.blocks)], dim=0)
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: list[torch.Tensor] = []
+        for chunk in weight.chunk(self.blocks, dim=0):
+            out.extend(self.block.right_inverse(chunk))
+        return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Which weights are eligible
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """One weight LoRITa may compose: ``module_name.param`` of a given kind and matrix shape."""
+
+    module: str
+    param: str
+    kind: str  # "linear" | "conv" | "attention_in" | "attention_qkv"
+    shape: tuple[int, ...]
+    eligible: bool
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else self.param
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        if self.kind == "attention_in":
+            return (self.shape[0] // 3, self.shape[1])
+        return (self.shape[0], math.prod(self.shape[1:]))
+
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def find_targets(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[WeightTarget]:
+    """Every matrix-like weight of ``model`` with whether LoRITa composes it and, if not, why.
+
+    Patterns are ``fnmatch`` patterns on module names (e.g. ``"features.*"``, ``"fc"``).
+    """
+    targets: list[WeightTarget] = []
+    for name, mod in model.named_modules():
+        found: list[tuple[str, str, torch.Tensor]] = []
+        if isinstance(mod, nn.MultiheadAttention):
+            if mod.in_proj_weight is not None:
+                found.append(("in_proj_weight", "attention_in", mod.in_proj_weight))
+            else:
+                for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    found.append((p, "attention_qkv", getattr(mod, p)))
+        elif isinstance(mod, nn.Linear):
+            found.append(("weight", "linear", mod.weight))
+        elif isinstance(mod, nn.Conv2d):
+            found.append(("weight", "conv", mod.weight))
+        for param, kind, weight in found:
+            reason = ""
+            shape = tuple(weight.shape)
+            if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                reason = f"grouped convolution (groups={mod.groups})"
+            elif not _selected(name, include, exclude):
+                reason = "excluded by the include/exclude patterns"
+            elif min(shape[0] // (3 if kind == "attention_in" else 1), math.prod(shape[1:])) < 2:
+                reason = "too small (a side of the matrix is 1)"
+            targets.append(WeightTarget(name, param, kind, shape, not reason, reason))
+    return targets
+
+
+# ---------------------------------------------------------------------------------------
+# Apply, collapse
+# ---------------------------------------------------------------------------------------
+
+
+_ORDER_ATTR = "_lorita_param_order"
+
+
+def _factor_parametrization(target: WeightTarget, n_factors: int) -> nn.Module:
+    if target.kind == "attention_in":
+        return _StackedFactorized(torch.Size(target.shape), n_factors)
+    return _Factorized(torch.Size(target.shape), n_factors)
+
+
+def _originals(module: nn.Module, param: str) -> list[nn.Parameter]:
+    plist: nn.Module = module.parametrizations[param]  # type: ignore[index]
+    if hasattr(plist, "original"):
+        return [plist.original]
+    return [getattr(plist, f"original{i}") for i in range(len(list(plist.parameters())))]
+
+
+def _scratch_init(
+    parametrization: nn.Module, originals: list[nn.Parameter], generator: torch.Generator
+) -> None:
+    """Keep the layer's default init as the product; make every square factor orthogonal.
+
+    Note: a product of independently initialized factors shrinks (or grows) with N. With
+    random orthogonal squares ``Q_i`` and the full factor ``F = Q_1^T ... Q_{N-1}^T W0`` (or
+    ``W0 Q_{N-1}^T ... Q_1^T`` on the right) the product is exactly the default init ``W0``,
+    whatever N is, while the factors start in general position rather than balanced.
+    """
+    block = parametrization.block if isinstance(parametrization, _StackedFactorized) else parametrization
+    assert isinstance(block, _Factorized)
+    n = block.n_factors
+    with torch.no_grad():
+        for b in range(len(originals) // n):
+            group = originals[b * n : (b + 1) * n]
+            full = _product([p.detach() for p in group], block.left).double()  # == W0 block
+            for sq in reversed(group[1:]):
+                size = sq.shape[0]
+                q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+                q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
+                full = q.T @ full if block.left else full @ q.T
+                sq.copy_(q.to(sq.dtype))
+            group[0].copy_(full.to(group[0].dtype))
+
+
+def apply_lorita(
+    model: nn.Module,
+    n_factors: int,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    init: str = "weights",
+    seed: int = 0,
+) -> list[WeightTarget]:
+    """Compose every eligible weight of ``model`` as a product of ``n_factors`` factors.
+
+    ``init="weights"``: the factors are an exact balanced factorization of the current
+    weights (the function the model computes is unchanged). ``init="scratch"``: the product
+    still equals the current (freshly initialized) weights, but the square factors are
+    random orthogonal matrices instead of balanced ones. Returns the composed targets.
+    """
+    if n_factors < 2:
+        return []
+    if init not in ("weights", "scratch"):
+        raise ValueError(f"init must be 'weights' or 'scratch', got {init!r}")
+    targets = [t for t in find_targets(model, include, exclude) if t.eligible]
+    generator = torch.Generator().manual_seed(seed)
+    for t in targets:
+        mod = model.get_submodule(t.module)
+        weight = getattr(mod, t.param)
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{t.name} holds non-finite values; cannot factorize it")
+        param = _factor_parametrization(t, n_factors)
+        if not hasattr(mod, _ORDER_ATTR):  # collapse restores this order of the state_dict keys
+            setattr(mod, _ORDER_ATTR, list(mod._parameters))
+        parametrize.register_parametrization(mod, t.param, param)
+        if init == "scratch":
+            _scratch_init(param, _originals(mod, t.param), generator)
+    return targets
+
+
+def is_composed(model: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def collapse(model: nn.Module) -> nn.Module:
+    """Multiply every factor product back into a plain weight, in place.
+
+    Afterwards the model has its original module classes and ``state_dict`` keys.
+    """
+    for name, mod in list(model.named_modules()):
+        if not parametrize.is_parametrized(mod):
+            continue
+        for param in list(mod.parametrizations.keys()):  # type: ignore[union-attr,operator]
+            with torch.no_grad():
+                value = getattr(mod, param)
+            if not torch.isfinite(value).all():
+                raise ValueError(f"the product for {name}.{param} is not finite; training diverged")
+            parametrize.remove_parametrizations(mod, param, leave_parametrized=True)
+        order = getattr(mod, _ORDER_ATTR, None)
+        if order is not None and not parametrize.is_parametrized(mod):
+            params = mod._parameters
+            mod._parameters = {k: params[k] for k in order if k in params} | params
+            delattr(mod, _ORDER_ATTR)
+    return model
+
+
+def factor_parameters(model: nn.Module) -> int:
+    """Number of trainable numbers in the factors (for the training-cost estimate)."""
+    total = 0
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod):
+            for plist in mod.parametrizations.values():  # type: ignore[union-attr,operator]
+                total += sum(p.numel() for p in plist.parameters())
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Layer-space composition: the research code's way, kept for benchmarks and equivalence tests
+# ---------------------------------------------------------------------------------------
+
+
+def _layer_space_linear(layer: nn.Linear, n_factors: int) -> nn.Sequential:
+    out, inp = layer.out_features, layer.in_features
+    mods: list[nn.Module] = [nn.Linear(inp, out, bias=False)]
+    mods += [nn.Linear(out, out, bias=False) for _ in range(n_factors - 2)]
+    mods.append(nn.Linear(out, out, bias=layer.bias is not None))
+    return nn.Sequential(*mods)
+
+
+def _layer_space_conv(layer: nn.Conv2d, n_factors: int) -> nn.Sequential:
+    first = nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,  # type: ignore[arg-type]
+        stride=layer.stride,  # type: ignore[arg-type]
+        padding=layer.padding,  # type: ignore[arg-type]
+        dilation=layer.dilation,  # type: ignore[arg-type]
+        padding_mode=layer.padding_mode,
+        bias=False,
+    )
+    mods: list[nn.Module] = [first]
+    mods += [nn.Conv2d(layer.out_channels, layer.out_channels, 1, bias=False) for _ in range(n_factors - 2)]
+    mods.append(nn.Conv2d(layer.out_channels, layer.out_channels, 1, bias=layer.bias is not None))
+    return nn.Sequential(*mods)
+
+
+def apply_layer_space(
+    model: nn.Module, n_factors: int, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> nn.Module:
+    """Compose by inserting N-1 extra linear layers after each eligible layer (slow on purpose).
+
+    Each new chain is an exact factorization of the layer's current weight, so the model
+    computes the same function; only the cost differs. Attention weights are left alone.
+    """
+    if n_factors < 2:
+        return model
+    for t in find_targets(model, include, exclude):
+        if not t.eligible or t.kind not in ("linear", "conv"):
+            continue
+        layer = model.get_submodule(t.module)
+        assert isinstance(layer, nn.Linear | nn.Conv2d)
+        if isinstance(layer, nn.Linear):
+            chain = _layer_space_linear(layer, n_factors)
+        else:
+            chain = _layer_space_conv(layer, n_factors)
+        weight: torch.Tensor = layer.weight
+        # Squares on the left (out x out) for every chain, as the research code does.
+        factors = _balanced_factors_left(weight.detach().reshape(t.shape[0], -1), n_factors)
+        with torch.no_grad():
+            for mod, f in zip(chain, factors, strict=True):
+                target: torch.Tensor = mod.weight  # type: ignore[assignment]
+                target.copy_(f.reshape(target.shape))
+            if layer.bias is not None:
+                chain[-1].bias.copy_(layer.bias)  # type: ignore[operator]
+        chain.to(weight.device)
+        set_submodule(model, t.module, chain)
+    return model
+
+
+def _balanced_factors_left(matrix: torch.Tensor, n_factors: int) -> list[torch.Tensor]:
+    """Factors in application order: full (m x n) first, then N-1 squares (m x m)."""
+    work = matrix.double()
+    m, n = work.shape
+    if m > n:  # left squares of size m need a full factor of rank n: pad with an identity split
+        full = work
+        squares = [torch.eye(m, dtype=work.dtype) for _ in range(n_factors - 1)]
+        return [full.to(matrix.dtype)] + [s.to(matrix.dtype) for s in squares]
+    factors = _balanced_factors(work, n_factors, left=True)
+    return [f.to(matrix.dtype) for f in factors]
