@@ -6,6 +6,9 @@ import argparse
 import sys
 
 
+OPTIONAL_COMMANDS = ("cli.analysis_commands", "cli.service_commands")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorita", description="LoRITa model compression.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -14,12 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     local_commands.register(sub)
     import importlib
 
-    try:
-        service_commands = importlib.import_module("cli.service_commands")
-    except ModuleNotFoundError:  # a core-only install has no service commands
-        pass
-    else:
-        service_commands.register(sub)
+    for name in OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:  # a core-only install has no service commands
+            continue
+        module.register(sub)
     return parser
 
 
