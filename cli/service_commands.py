@@ -1,0 +1,408 @@
+"""The service commands: serve, worker, db upgrade, keys create, submit.
+
+``lorita serve`` with no settings is the embedded mode: a SQLite file, the filesystem broker and
+a ``lorita worker`` child process, everything under ``./var``. With ``LORITA_BROKER_URL`` set it
+runs the API alone (start workers with ``lorita worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cli.output import fail
+
+QUEUE_CHOICES = ("gpu", "cpu")
+FINISHED = ("succeeded", "failed", "canceled")
+
+
+# --------------------------------------------------------------------------------------------
+# serve / worker
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the parent dies, even by SIGKILL (Linux only)."""
+    os.setsid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def spawn_worker(
+    queues: str, concurrency: int = 1, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``lorita worker`` as a child in its own process group."""
+    cmd = [sys.executable, "-m", "cli.main", "worker", "--queue", queues, "--concurrency", str(concurrency)]
+    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the child's process group (warm shutdown), then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from store.admin import upgrade_db
+    from store.settings import get_settings
+
+    try:
+        settings = get_settings()
+        upgrade_db()
+    except Exception as err:
+        return fail(f"cannot prepare the database: {err}", 1)
+    embedded = settings.broker_url is None
+    with_worker = embedded if args.worker is None else args.worker
+    worker_proc = spawn_worker("gpu,cpu", args.concurrency) if with_worker else None
+    if embedded:
+        print(
+            f"lorita: embedded mode (database {settings.database_url}, local broker, "
+            f"artifacts in {settings.artifact_dir})",
+            file=sys.stderr,
+        )
+
+    import uvicorn
+
+    # uvicorn turns SIGTERM into a graceful exit; make sure the worker child follows.
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker_proc is not None:
+            stop_process_group(worker_proc)
+    return 0
+
+
+def probe_queue() -> str:
+    """``gpu`` if CUDA works, else ``cpu``; asked in a subprocess so this process never touches CUDA."""
+    code = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+    return "gpu" if done.returncode == 0 else "cpu"
+
+
+def parse_queues(value: str | None) -> list[str]:
+    if not value:
+        return [probe_queue()]
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    bad = [q for q in queues if q not in QUEUE_CHOICES]
+    if bad or not queues:
+        raise ValueError(f"--queue {value!r}: give gpu, cpu or both as 'gpu,cpu'")
+    return queues
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    try:
+        queues = parse_queues(args.queue)
+    except ValueError as err:
+        return fail(str(err))
+    from worker.celery_app import app
+
+    name = f"lorita-{'-'.join(queues)}-{os.getpid()}@%h"
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(args.concurrency),
+        "--pool",
+        "prefork",
+        "--hostname",
+        name,
+        "--loglevel",
+        args.loglevel,
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    print(f"lorita: worker on queue(s) {', '.join(queues)}", file=sys.stderr)
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from store.admin import upgrade_db
+
+    try:
+        upgrade_db()
+    except Exception as err:
+        return fail(f"database upgrade failed: {err}", 1)
+    print("database is up to date", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from store.admin import create_api_key
+
+    try:
+        key = create_api_key(args.tenant)
+    except Exception as err:
+        return fail(f"cannot create a key: {err}", 1)
+    print(key)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# submit: the HTTP client
+
+
+class ClientError(Exception):
+    """A failure to report to the person at the terminal."""
+
+
+def _check(resp: Any, what: str) -> Any:
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            message = body.get("message") or body.get("detail") or body
+        except ValueError:
+            message = resp.text[:500]
+        raise ClientError(f"{what}: HTTP {resp.status_code}: {message}")
+    return resp.json() if resp.content else None
+
+
+def upload_model(
+    client: Any, weights: Path, arch: str, num_classes: int | None, options: dict[str, Any]
+) -> str:
+    data: dict[str, str] = {"arch": arch, "name": weights.name}
+    if num_classes is not None:
+        data["num_classes"] = str(num_classes)
+    if options:
+        data["options"] = json.dumps(options)
+    with weights.open("rb") as f:
+        resp = client.post(
+            "/v1/models", data=data, files={"file": (weights.name, f, "application/octet-stream")}
+        )
+    return str(_check(resp, f"uploading {weights}")["id"])
+
+
+def upload_dataset(client: Any, path: Path) -> str:
+    with path.open("rb") as f:
+        resp = client.post(
+            "/v1/datasets",
+            data={"name": path.name},
+            files={"file": (path.name, f, "application/octet-stream")},
+        )
+    return str(_check(resp, f"uploading {path}")["id"])
+
+
+def prepare_config(
+    client: Any, config: dict[str, Any], base: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Upload the local weights / dataset the config (or the flags) name; put their ids in."""
+    config = json.loads(json.dumps(config))
+    model = config.setdefault("model", {})
+    if args.arch:
+        model["arch"] = args.arch
+    weights = args.weights or model.get("weights")
+    if weights:
+        path = Path(weights) if Path(weights).is_absolute() else base / weights
+        if args.weights:
+            path = Path(args.weights)
+        if path.is_file():
+            if not model.get("arch"):
+                raise ClientError("--weights needs the architecture: give --arch or model.arch in the config")
+            model["weights"] = upload_model(
+                client, path, model["arch"], model.get("num_classes"), model.get("options") or {}
+            )
+            print(f"uploaded weights {path} as model {model['weights']}", file=sys.stderr)
+        elif args.weights:
+            raise ClientError(f"--weights {args.weights}: no such file")
+    dataset = config.setdefault("dataset", {})
+    data_path = args.dataset or dataset.get("path")
+    if data_path:
+        path = Path(data_path)
+        if not args.dataset and not path.is_absolute():
+            path = base / path
+        if not path.is_file():
+            raise ClientError(f"dataset {path}: no such file (upload an .npz or an ImageFolder archive)")
+        dataset_id = upload_dataset(client, path)
+        print(f"uploaded dataset {path} as {dataset_id}", file=sys.stderr)
+        for key in ("path", "name"):
+            dataset.pop(key, None)
+        dataset["id"] = dataset_id
+    return config
+
+
+def _progress_from_job(job: dict[str, Any]) -> Any:
+    from core.progress import Progress
+
+    metrics = job.get("metrics") or {}
+    return Progress(
+        stage=job.get("stage") or job.get("status") or "queued",
+        fraction=float(job.get("progress") or 0.0),
+        epoch=job.get("epoch"),
+        epochs=job.get("epochs"),
+        loss=metrics.get("loss"),
+        val_accuracy=metrics.get("val_accuracy"),
+    )
+
+
+def wait_for_job(client: Any, job_id: str, interval: float = 1.0, show: bool = True) -> dict[str, Any]:
+    from cli.output import progress_bar
+
+    with progress_bar(disable=not show) as on_progress:
+        while True:
+            job = _check(client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")
+            if job["status"] == "running" or job["status"] in FINISHED:
+                on_progress(_progress_from_job(job))
+            if job["status"] in FINISHED:
+                return dict(job)
+            time.sleep(interval)
+
+
+def download_artifacts(client: Any, job_id: str, out: Path) -> list[Path]:
+    """Every artifact of the job into ``out``, each sha256 checked against the server's."""
+    listing = _check(client.get(f"/v1/jobs/{job_id}/artifacts"), "listing artifacts")
+    items = listing["data"] if isinstance(listing, dict) and "data" in listing else listing
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for item in items:
+        name = item["name"]
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise ClientError(f"refusing artifact name {name!r}")
+        dest = out / name
+        digest = hashlib.sha256()
+        tmp = dest.with_name(f".{name}.part")
+        with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _check(resp, f"downloading {name}")
+            header = resp.headers.get("x-sha256") or resp.headers.get("x-checksum-sha256")
+            with tmp.open("wb") as f:
+                for chunk in resp.iter_bytes():
+                    digest.update(chunk)
+                    f.write(chunk)
+        got = digest.hexdigest()
+        for expected, source in ((header, "header"), (item.get("sha256"), "listing")):
+            if expected and expected != got:
+                tmp.unlink(missing_ok=True)
+                raise ClientError(f"{name}: sha256 {got} does not match the {source}'s {expected}")
+        tmp.replace(dest)
+        paths.append(dest)
+    return paths
+
+
+@contextlib.contextmanager
+def http_client(url: str, key: str) -> Iterator[Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0)) as client:
+        yield client
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import httpx
+
+    from cli.output import format_report_table
+
+    key = args.key or os.environ.get("LORITA_API_KEY")
+    if not key:
+        return fail("no API key: pass --key or set LORITA_API_KEY (create one with `lorita keys create`)")
+    config_path = Path(args.config)
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        return fail(f"config file {config_path} does not exist")
+    except json.JSONDecodeError as err:
+        return fail(f"{config_path} is not valid JSON: {err}")
+    if not isinstance(config, dict):
+        return fail(f"{config_path} must hold a JSON object")
+    try:
+        with http_client(args.url, key) as client:
+            config = prepare_config(client, config, config_path.resolve().parent, args)
+            job = _check(client.post("/v1/jobs", json=config), "submitting the job")
+            job_id = job["id"]
+            print(f"job {job_id} {job['status']}", file=sys.stderr)
+            if args.no_wait:
+                print(job_id)
+                return 0
+            job = wait_for_job(client, job_id, show=not args.quiet)
+            if job["status"] != "succeeded":
+                reason = job.get("error") or job["status"]
+                return fail(f"job {job_id} {job['status']}: {reason}", 1)
+            out = Path(args.out or f"lorita-{job_id}")
+            paths = download_artifacts(client, job_id, out)
+            report = _check(client.get(f"/v1/jobs/{job_id}/report"), "reading the report")
+    except ClientError as err:
+        return fail(str(err), 1)
+    except httpx.HTTPError as err:
+        return fail(f"cannot reach the service at {args.url}: {err}", 1)
+    print(format_report_table(report))
+    print(f"job {job_id} succeeded; {len(paths)} artifacts (sha256 checked) in {out}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="Run the HTTP service (embedded worker when no broker is set).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--concurrency", type=int, default=1, help="Jobs the embedded worker runs at once.")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--worker", dest="worker", action="store_true", default=None, help="Start a worker child."
+    )
+    group.add_argument(
+        "--no-worker", dest="worker", action="store_false", help="Do not start a worker child."
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="Run a job worker (Celery).")
+    p.add_argument(
+        "--queue", default=None, help="gpu, cpu or 'gpu,cpu'; default: gpu if CUDA works, else cpu."
+    )
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("db", help="Database administration.")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    q = db_sub.add_parser("upgrade", help="Apply the migrations (alembic upgrade head).")
+    q.set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("keys", help="API keys.")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    q = keys_sub.add_parser("create", help="Create an API key; prints the key alone on stdout.")
+    q.add_argument("--tenant", required=True)
+    q.set_defaults(func=cmd_keys_create)
+
+    p = sub.add_parser("submit", help="Submit a job to a running service, follow it, download its artifacts.")
+    p.add_argument("config", help="The job config (JSON).")
+    p.add_argument("--url", default=os.environ.get("LORITA_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--key", default=None, help="API key (default: $LORITA_API_KEY).")
+    p.add_argument("--weights", default=None, help="Upload these weights first (.safetensors or .pt).")
+    p.add_argument("--arch", default=None, help="Architecture of --weights (default: model.arch).")
+    p.add_argument(
+        "--dataset", default=None, help="Upload this dataset first (.npz or an ImageFolder archive)."
+    )
+    p.add_argument(
+        "--out", default=None, help="Where to download the artifacts (default: ./lorita-<job id>)."
+    )
+    p.add_argument("--no-wait", action="store_true", help="Print the job id and return.")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    p.set_defaults(func=cmd_submit)
