@@ -1,0 +1,63 @@
+"""The FastAPI application: ``create_app(settings)``; ``uvicorn api.app:app`` builds it lazily."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from api import datasets, health, jobs, models
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from store.artifacts import LocalArtifactStore
+from store.settings import Settings, get_settings
+
+# Multipart framing and the form fields ride along with the file: allow them on top of the cap.
+MULTIPART_SLACK_BYTES = 1024 * 1024
+
+DESCRIPTION = """
+Compress neural networks with **LoRITa** (low-rank induced training) and singular value truncation.
+
+1. Create an API key: `lorita keys create --tenant NAME`; send it as `Authorization: Bearer <key>`.
+2. Optionally upload weights (`POST /v1/models`) and data (`POST /v1/datasets`).
+3. Submit a job config (`POST /v1/jobs`), poll `GET /v1/jobs/{id}`, then download
+   `GET /v1/jobs/{id}/artifacts/{name}` and read `GET /v1/jobs/{id}/report`.
+
+Errors are JSON `{"detail": "..."}` saying what to change. Another tenant's objects answer 404.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="lorita",
+        version="0.1.0",
+        description=DESCRIPTION,
+        docs_url="/docs",
+        openapi_tags=[
+            {"name": "jobs", "description": "Compression jobs: submit, watch, cancel, results."},
+            {"name": "models", "description": "Uploaded weights, checked against their architecture."},
+            {"name": "datasets", "description": "Uploaded .npz / ImageFolder data and the built-ins."},
+            {"name": "health", "description": "Probes for orchestrators."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.artifact_store = LocalArtifactStore(settings.artifact_dir)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    for module in (health, models, datasets, jobs):
+        app.include_router(module.router)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn api.app:app` reads settings only when the server starts, not at import
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,77 @@
+"""One application error type and the handlers that render every error as ``{"detail": "..."}``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("lorita.api")
+
+
+class AppError(StarletteHTTPException):
+    """An error a client can act on; ``message`` says what went wrong and how to fix it."""
+
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+
+    @property
+    def message(self) -> str:
+        return str(self.detail)
+
+
+def format_request_errors(errors: Sequence[Any]) -> str:
+    """Readable one-line text for FastAPI validation errors (same style as core.config)."""
+    from core.config import POLICIES
+
+    lines = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        # a discriminated union adds the tag to the path (compress.global.keep); keep it readable
+        where = ".".join(loc) or "body"
+        msg = str(e.get("msg", "invalid value"))
+        kind = e.get("type")
+        if kind == "extra_forbidden":
+            msg = "unknown field; remove it (see the schema at /docs for valid fields)"
+        elif kind == "union_tag_invalid":
+            msg = f"unknown policy; choose one of {', '.join(POLICIES)}"
+        elif kind == "json_invalid":
+            msg = f"the body is not valid JSON ({e.get('ctx', {}).get('error', msg)})"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        {"detail": f"invalid request: {format_request_errors(exc.errors())}"}, status_code=422
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Should never happen: every expected failure is an AppError. Log it, never leak a traceback.
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "internal error: the server failed unexpectedly; try again, and report it if it persists"},
+        status_code=500,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,263 @@
+"""``/v1/jobs``: submit, watch, cancel, and fetch the report and artifacts of compression jobs."""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep
+from api.errors import AppError
+from api.schemas import (
+    ArtifactRead,
+    ArtifactsRead,
+    JobEventRead,
+    JobEventsRead,
+    JobRead,
+    JobsRead,
+    ResultSummary,
+)
+from core.config import JobConfig
+from store.models import Job, Result, Tenant
+from store.repositories import datasets as dataset_repo
+from store.repositories import jobs as job_repo
+from store.repositories import models as model_repo
+
+log = logging.getLogger("lorita.api")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+_UPLOAD_MODEL_HINT = "upload weights with POST /v1/models and put the returned id in model.weights"
+_UPLOAD_DATA_HINT = 'upload data with POST /v1/datasets and reference it as {"id": "<dataset id>"}'
+
+
+def resolve_references(session: Session, tenant: Tenant, config: JobConfig) -> JobConfig:
+    """Check that every reference in ``config`` is one of this tenant's uploads, and fill in
+    what the uploaded model fixes (num_classes, options). A client never names a server path."""
+    ds = config.dataset
+    if ds.path is not None:
+        raise AppError(422, f"dataset.path is not accepted over HTTP; {_UPLOAD_DATA_HINT}")
+    if ds.root is not None:
+        raise AppError(422, "dataset.root is not accepted over HTTP; the operator sets the data directory")
+    if ds.download:
+        raise AppError(
+            422, "dataset.download is not accepted over HTTP; the operator decides what is downloaded"
+        )
+    dataset = None
+    if ds.id is not None:
+        dataset = dataset_repo.get_for_tenant(session, tenant.id, ds.id)
+        if dataset is None:
+            raise AppError(404, f"dataset {ds.id} not found; {_UPLOAD_DATA_HINT}")
+        if ds.image_size is not None and dataset.kind != "imagefolder":
+            raise AppError(422, "dataset.image_size only applies to ImageFolder uploads, not to .npz files")
+
+    m = config.model
+    if m.weights is not None:
+        record = model_repo.get_for_tenant(session, tenant.id, m.weights)
+        if record is None:
+            raise AppError(
+                404, f"model.weights {m.weights!r} is not one of your uploaded models; {_UPLOAD_MODEL_HINT}"
+            )
+        if record.arch != m.arch:
+            raise AppError(
+                422, f"model.arch is {m.arch!r} but model {record.id} was uploaded for {record.arch!r}"
+            )
+        if m.num_classes is None:
+            m.num_classes = record.num_classes
+        elif m.num_classes != record.num_classes:
+            raise AppError(
+                422,
+                f"model.num_classes is {m.num_classes} but model {record.id} has {record.num_classes} classes",
+            )
+        if not m.options:
+            m.options = dict(record.options)
+        elif m.options != record.options:
+            raise AppError(
+                422,
+                f"model.options {m.options} differ from those model {record.id} was uploaded with {record.options}",
+            )
+    if dataset is not None and m.num_classes is not None and m.num_classes != dataset.num_classes:
+        raise AppError(
+            422,
+            f"model.num_classes is {m.num_classes} but dataset {dataset.id} has {dataset.num_classes} classes",
+        )
+    return config
+
+
+def job_read(job: Job) -> JobRead:
+    read = JobRead.model_validate(job, from_attributes=True).model_copy(update={"result": None})
+    if job.status == "succeeded" and job.result is not None:
+        read.result = result_summary(job.result)
+    return read
+
+
+def result_summary(result: Result) -> ResultSummary:
+    summary = ResultSummary.model_validate(result, from_attributes=True)
+    if result.params_before and result.params_after is not None:
+        summary.params_ratio = result.params_after / result.params_before
+    if result.flops_before and result.flops_after is not None:
+        summary.flops_ratio = result.flops_after / result.flops_before
+    return summary
+
+
+def _job_or_404(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = job_repo.get_for_tenant(session, tenant.id, job_id)
+    if job is None:
+        raise AppError(404, f"job {job_id} not found")
+    return job
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobRead,
+    summary="Submit a compression job",
+    responses={200: {"description": "The job already created with this Idempotency-Key."}},
+)
+def create_job(
+    config: JobConfig,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="Retry-safe submission: the same key returns the same job instead of a new one.",
+        ),
+    ] = None,
+) -> JobRead:
+    """The body is the job config (unknown fields are rejected). Uploaded models and datasets are
+    referenced by id: ``"model": {"arch": "fcn", "weights": "<model id>"}``, ``"dataset": {"id": "<id>"}``.
+    The job is stored before it is queued; poll ``GET /v1/jobs/{id}`` for progress."""
+    config = resolve_references(session, tenant, config)
+    stored = config.model_dump(mode="json")
+    job, created = job_repo.create(
+        session,
+        tenant.id,
+        stored,
+        max_attempts=settings.max_attempts,
+        name=config.name,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        if job.config != stored:
+            raise AppError(
+                409, f"Idempotency-Key {idempotency_key!r} was used for job {job.id} with a different config"
+            )
+        response.status_code = 200
+        return job_read(job)
+    session.commit()  # the row is durable before any worker can hear of it
+    try:
+        dispatcher.send(job.id)
+    except Exception:
+        # the job stays queued; the sweeper re-sends queued jobs nobody picked up
+        log.warning("could not enqueue job %s; it stays queued for the sweeper", job.id, exc_info=True)
+    return job_read(job)
+
+
+@router.get("", response_model=JobsRead, summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsRead:
+    jobs, count = job_repo.list_for_tenant(session, tenant.id, status=status, limit=limit, offset=offset)
+    return JobsRead(data=[job_read(j) for j in jobs], count=count)
+
+
+@router.get("/{job_id}", response_model=JobRead, summary="Get a job's status and progress")
+def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRead:
+    return job_read(_job_or_404(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobRead, summary="Cancel a job")
+def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRead:
+    """A queued job is canceled at once; a running one is flagged and stops at its next step."""
+    job = _job_or_404(session, tenant, job_id)
+    outcome = job_repo.request_cancel(session, job)
+    if outcome is job_repo.CancelOutcome.FINISHED:
+        session.rollback()
+        raise AppError(409, f"job {job_id} has already {job.status}; there is nothing to cancel")
+    session.commit()
+    return job_read(job)
+
+
+@router.get("/{job_id}/events", response_model=JobEventsRead, summary="A job's progress history")
+def list_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    after_id: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> JobEventsRead:
+    _job_or_404(session, tenant, job_id)
+    events = job_repo.list_events(session, job_id, after_id=after_id, limit=limit)
+    return JobEventsRead(data=[JobEventRead.model_validate(e) for e in events], count=len(events))
+
+
+@router.get("/{job_id}/report", summary="The report.json of a succeeded job")
+def get_report(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, object]:
+    job = _job_or_404(session, tenant, job_id)
+    if job.status != "succeeded":
+        why = f": {job.error}" if job.status == "failed" and job.error else ""
+        raise AppError(409, f"job {job_id} is {job.status}{why}; its report exists once it has succeeded")
+    result = job_repo.get_result(session, job_id)
+    if result is None:
+        raise AppError(409, f"job {job_id} succeeded but its report is not recorded; contact the operator")
+    return dict(result.report)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsRead, summary="List a job's files")
+def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactsRead:
+    _job_or_404(session, tenant, job_id)
+    artifacts = job_repo.list_artifacts(session, job_id)
+    data = [
+        ArtifactRead(
+            name=a.name,
+            size_bytes=a.size_bytes,
+            sha256=a.sha256,
+            url=f"/v1/jobs/{job_id}/artifacts/{a.name}",
+            created_at=a.created_at,
+        )
+        for a in artifacts
+    ]
+    return ArtifactsRead(data=data, count=len(data))
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    summary="Download one of a job's files",
+    response_class=FileResponse,
+    responses={200: {"description": "The file, with its sha256 in X-Checksum-SHA256."}},
+)
+def download_artifact(
+    job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
+) -> FileResponse:
+    _job_or_404(session, tenant, job_id)
+    artifact = job_repo.get_artifact(session, job_id, name)
+    if artifact is None:
+        raise AppError(
+            404, f"job {job_id} has no artifact {name!r}; list them with GET /v1/jobs/{job_id}/artifacts"
+        )
+    path = store.path_for(artifact.location)
+    if not path.is_file():
+        raise AppError(
+            404, f"the file of artifact {name!r} is missing from the artifact store; contact the operator"
+        )
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return FileResponse(
+        path,
+        media_type=media_type,
+        filename=name.rsplit("/", 1)[-1],
+        headers={"X-Checksum-SHA256": artifact.sha256},
+    )

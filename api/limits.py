@@ -1,0 +1,54 @@
+"""A cap on request bodies, enforced while they stream in (before anything is spooled to disk)."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.uploads import too_large
+
+
+class BodySizeLimit:
+    """Refuse bodies past ``max_bytes``: at once by Content-Length, or mid-stream by counting.
+
+    Mid-stream the overflow raises an ``AppError(413)`` out of ``receive``; FastAPI passes HTTP
+    errors raised while reading the body through to the error handler unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            err = too_large(self.max_bytes)
+            body = json.dumps({"detail": err.detail}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large(self.max_bytes)
+            return message
+
+        await self.app(scope, receive if scope["method"] in ("GET", "HEAD") else counting_receive, send)

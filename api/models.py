@@ -1,0 +1,142 @@
+"""``/v1/models``: uploaded weights for a named architecture, checked against it before storing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.errors import AppError
+from api.schemas import ModelRead, ModelsRead
+from api.uploads import clean_filename, save_upload
+from store.artifacts import model_key
+from store.models import ModelRecord, new_id
+from store.repositories import models as model_repo
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or len(shape) > 3 or any(s < 1 or s > 100_000 for s in shape):
+        raise AppError(422, f"input_shape {text!r} is not valid: give 1 to 3 positive sizes, e.g. '3,32,32'")
+    return shape
+
+
+def parse_options(text: str | None) -> dict[str, Any]:
+    if text is None or not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AppError(
+            422, f'options is not valid JSON ({err}); send a JSON object, e.g. {{"depth": 3}}'
+        ) from None
+    if not isinstance(options, dict):
+        raise AppError(422, 'options must be a JSON object, e.g. {"depth": 3}')
+    return options
+
+
+def check_upload_against_arch(
+    path: Any, arch: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]
+) -> None:
+    """Build the architecture and check the file's keys and shapes fit it; 422 otherwise."""
+    from core import export, zoo  # torch is imported on first upload, not at startup
+
+    try:
+        model = zoo.build_model(arch, num_classes, input_shape, options)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise AppError(422, f"cannot build {arch} with these settings: {err}") from None
+    try:
+        state = export.load_weights_file(path)
+        export.check_weights(model, state)
+    except export.WeightsError as err:
+        raise AppError(422, str(err)) from None
+
+
+@router.post("", status_code=201, response_model=ModelRead, summary="Upload weights for an architecture")
+def upload_model(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: Annotated[
+        UploadFile, File(description="Weights: .safetensors, or a weights-only PyTorch state_dict.")
+    ],
+    arch: Annotated[str, Form(description="Architecture, e.g. fcn, resnet20, torchvision:resnet18.")],
+    num_classes: Annotated[int, Form(ge=2, le=100_000)],
+    input_shape: Annotated[str, Form(description="Input shape without the batch, e.g. '3,32,32' or '64'.")],
+    options: Annotated[str | None, Form(description="Architecture options as a JSON object.")] = None,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> ModelRecord:
+    """Stream the file to disk (capped at LORITA_MAX_UPLOAD_BYTES), check that its tensors fit the
+    architecture key by key and shape by shape, then store it. Pickled code is never executed:
+    PyTorch files are read with ``torch.load(weights_only=True)``."""
+    from core.zoo import check_arch
+
+    try:
+        check_arch(arch)
+    except ValueError as err:
+        raise AppError(422, str(err)) from None
+    shape = parse_input_shape(input_shape)
+    opts = parse_options(options)
+    filename = clean_filename(file.filename, "weights.safetensors")
+    suffix = next((s for s in WEIGHT_SUFFIXES if filename.lower().endswith(s)), ".safetensors")
+
+    scratch = store.temp_dir()
+    try:
+        upload = scratch / f"upload{suffix}"
+        size, sha256 = save_upload(file.file, upload, settings.max_upload_bytes)
+        check_upload_against_arch(upload, arch, num_classes, shape, opts)
+        model_id = new_id()
+        key = model_key(tenant.id, model_id, f"weights{suffix}")
+        store.put_file(key, upload)
+        record = ModelRecord(
+            id=model_id,
+            tenant_id=tenant.id,
+            name=name or filename,
+            arch=arch,
+            num_classes=num_classes,
+            input_shape=list(shape),
+            options=opts,
+            filename=filename,
+            size_bytes=size,
+            sha256=sha256,
+            location=key,
+        )
+        try:
+            model_repo.add(session, record)
+            session.commit()
+        except BaseException:
+            store.delete_prefix(model_key(tenant.id, model_id, "").rstrip("/"))
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return record
+
+
+@router.get("", response_model=ModelsRead, summary="List uploaded models")
+def list_models(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ModelsRead:
+    records, count = model_repo.list_for_tenant(session, tenant.id, limit=limit, offset=offset)
+    return ModelsRead(data=[ModelRead.model_validate(r) for r in records], count=count)
+
+
+@router.get("/{model_id}", response_model=ModelRead, summary="Get an uploaded model")
+def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> ModelRecord:
+    record = model_repo.get_for_tenant(session, tenant.id, model_id)
+    if record is None:
+        raise AppError(404, f"model {model_id} not found")
+    return record

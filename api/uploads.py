@@ -1,0 +1,57 @@
+"""Uploads: copy to a scratch file with a size cap, hashing as the bytes go by."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import IO
+
+from api.errors import AppError
+
+CHUNK_BYTES = 1024 * 1024
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
+def too_large(limit: int) -> AppError:
+    return AppError(
+        413,
+        f"the upload is larger than the limit of {human_bytes(limit)} ({limit} bytes); "
+        "send a smaller file or ask the operator to raise LORITA_MAX_UPLOAD_BYTES",
+    )
+
+
+def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> tuple[int, str]:
+    """Copy ``src`` to ``dest``; returns (size, sha256 hex). Past ``max_bytes``: 413, dest removed."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with dest.open("wb") as out:
+            while chunk := src.read(CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large(max_bytes)
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    if size == 0:
+        dest.unlink(missing_ok=True)
+        raise AppError(422, "the uploaded file is empty")
+    return size, digest.hexdigest()
+
+
+def clean_filename(filename: str | None, default: str) -> str:
+    """The client's file name reduced to a safe base name (for display only; never a path)."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:200]
+    return base or default
