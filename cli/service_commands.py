@@ -358,7 +358,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="Run the HTTP service (embedded worker when no broker is set).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

@@ -1,0 +1,127 @@
+"""The job task against a real SQLite database and a real (tiny) pipeline run, no broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from store.admin import upgrade_db
+from store.artifacts import sha256_file
+from store.db import dispose_engines, session_scope
+from store.models import Artifact, Job, JobEvent, Result, Tenant
+from store.settings import get_settings
+from worker.tasks import execute_job
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model": {"arch": "fcn", "options": {"depth": 2, "width": 32}},
+        "dataset": {"name": "digits"},
+        "train": {"factors": 2, "epochs": epochs, "batch_size": 64},
+        "compress": {"policy": "global", "keep": 0.5},
+        "measure": {"latency": False},
+        "export": ["safetensors"],
+        "device": "cpu",
+    }
+    return config | overrides
+
+
+@pytest.fixture
+def service_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    url = f"sqlite:///{tmp_path / 'lorita.db'}"
+    monkeypatch.setenv("LORITA_DATABASE_URL", url)
+    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
+    get_settings.cache_clear()
+    upgrade_db(url)
+    yield url
+    dispose_engines()
+    get_settings.cache_clear()
+
+
+def submit(config: dict[str, Any]) -> str:
+    with session_scope() as session:
+        tenant = Tenant(name="acme")
+        session.add(tenant)
+        session.flush()
+        job = Job(tenant_id=tenant.id, config=config, max_attempts=3)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def get_job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def test_job_runs_to_success_with_result_and_verified_artifacts(service_db: str) -> None:
+    job_id = submit(tiny_config())
+    assert execute_job(job_id, "w1") == "succeeded"
+    job = get_job(job_id)
+    assert (job.status, job.attempt, job.progress, job.error) == ("succeeded", 1, 1.0, None)
+    store_root = Path(get_settings().artifact_dir)
+    with session_scope() as session:
+        result = session.get(Result, job_id)
+        assert result is not None
+        report = result.report
+        assert result.test_accuracy_after == report["accuracy"]["test"]["after"]
+        assert result.params_after is not None and result.params_after < result.params_before
+        artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+        names = sorted(a.name for a in artifacts)
+        assert "model.safetensors" in names and "report.json" in names
+        for a in artifacts:
+            assert sha256_file(store_root / a.location) == (a.size_bytes, a.sha256)
+        epochs = session.scalars(
+            select(JobEvent.epoch).where(JobEvent.job_id == job_id, JobEvent.stage == "train")
+        ).all()
+        assert {1, 2} <= {e for e in epochs if e is not None}
+    assert not (store_root / artifacts[0].location).parent.parent.joinpath("work").exists()
+    assert execute_job(job_id, "w2") == "skipped"  # a finished job is never run again
+    assert get_job(job_id).attempt == 1
+
+
+def test_cancel_during_training_ends_canceled(service_db: str) -> None:
+    job_id = submit(tiny_config(epochs=200))
+    outcome: list[str] = []
+    runner = threading.Thread(target=lambda: outcome.append(execute_job(job_id, "w1")))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = get_job(job_id)
+        if job.status == "running" and (job.epoch or 0) >= 1:
+            break
+        time.sleep(0.2)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    runner.join(timeout=120)
+    assert outcome == ["canceled"]
+    job = get_job(job_id)
+    assert job.status == "canceled" and job.finished_at is not None
+    with session_scope() as session:
+        assert session.get(Result, job_id) is None
+
+
+def test_invalid_config_fails_with_the_message(service_db: str) -> None:
+    job_id = submit(tiny_config(train={"epochs": 0}))
+    assert execute_job(job_id) == "failed"
+    error = get_job(job_id).error
+    assert error is not None and error.startswith("invalid job config: train.epochs")
+
+
+def test_unknown_model_id_fails_with_a_message(service_db: str) -> None:
+    config = tiny_config()
+    config["model"]["weights"] = "0" * 32
+    job_id = submit(config)
+    assert execute_job(job_id) == "failed"
+    assert get_job(job_id).error == f"model {'0' * 32!r} not found; upload it with POST /v1/models"
