@@ -182,12 +182,26 @@ def _check(resp: Any, what: str) -> Any:
     return resp.json() if resp.content else None
 
 
+def npz_shape(path: Path) -> tuple[list[int], int] | None:
+    """(input shape, class count) of an .npz dataset, or None if it is not one."""
+    if path.suffix.lower() != ".npz":
+        return None
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        x, y = data["x_train"], data["y_train"]
+        return [int(d) for d in x.shape[1:]], int(y.max()) + 1
+
+
 def upload_model(
-    client: Any, weights: Path, arch: str, num_classes: int | None, options: dict[str, Any]
+    client: Any, weights: Path, arch: str, num_classes: int, input_shape: list[int], options: dict[str, Any]
 ) -> str:
-    data: dict[str, str] = {"arch": arch, "name": weights.name}
-    if num_classes is not None:
-        data["num_classes"] = str(num_classes)
+    data: dict[str, str] = {
+        "arch": arch,
+        "name": weights.name,
+        "num_classes": str(num_classes),
+        "input_shape": ",".join(str(d) for d in input_shape),
+    }
     if options:
         data["options"] = json.dumps(options)
     with weights.open("rb") as f:
@@ -207,41 +221,57 @@ def upload_dataset(client: Any, path: Path) -> str:
     return str(_check(resp, f"uploading {path}")["id"])
 
 
+def _local_path(value: str, base: Path, from_flag: bool) -> Path:
+    path = Path(value)
+    return path if from_flag or path.is_absolute() else base / path
+
+
 def prepare_config(
     client: Any, config: dict[str, Any], base: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Upload the local weights / dataset the config (or the flags) name; put their ids in."""
+    """Upload the local dataset / weights the config (or the flags) name; put their ids in.
+
+    Paths in the config are relative to the config file. The weights' input shape and class
+    count come from the flags, else the config, else the uploaded .npz dataset.
+    """
     config = json.loads(json.dumps(config))
     model = config.setdefault("model", {})
+    dataset = config.setdefault("dataset", {})
     if args.arch:
         model["arch"] = args.arch
-    weights = args.weights or model.get("weights")
-    if weights:
-        path = Path(weights) if Path(weights).is_absolute() else base / weights
-        if args.weights:
-            path = Path(args.weights)
-        if path.is_file():
-            if not model.get("arch"):
-                raise ClientError("--weights needs the architecture: give --arch or model.arch in the config")
-            model["weights"] = upload_model(
-                client, path, model["arch"], model.get("num_classes"), model.get("options") or {}
-            )
-            print(f"uploaded weights {path} as model {model['weights']}", file=sys.stderr)
-        elif args.weights:
-            raise ClientError(f"--weights {args.weights}: no such file")
-    dataset = config.setdefault("dataset", {})
+    data_shape: tuple[list[int], int] | None = None
     data_path = args.dataset or dataset.get("path")
     if data_path:
-        path = Path(data_path)
-        if not args.dataset and not path.is_absolute():
-            path = base / path
+        path = _local_path(data_path, base, bool(args.dataset))
         if not path.is_file():
-            raise ClientError(f"dataset {path}: no such file (upload an .npz or an ImageFolder archive)")
+            raise ClientError(f"dataset {path}: no such file (give an .npz or an ImageFolder archive)")
+        data_shape = npz_shape(path)
         dataset_id = upload_dataset(client, path)
         print(f"uploaded dataset {path} as {dataset_id}", file=sys.stderr)
         for key in ("path", "name"):
             dataset.pop(key, None)
         dataset["id"] = dataset_id
+    weights = args.weights or model.get("weights")
+    if weights:
+        path = _local_path(weights, base, bool(args.weights))
+        if not path.is_file():
+            if args.weights:
+                raise ClientError(f"--weights {args.weights}: no such file")
+            return config  # an id of weights uploaded before
+        if not model.get("arch"):
+            raise ClientError("--weights needs the architecture: give --arch or model.arch in the config")
+        num_classes = args.num_classes or model.get("num_classes") or (data_shape and data_shape[1])
+        input_shape = (
+            [int(d) for d in args.input_shape.split(",")]
+            if args.input_shape
+            else data_shape and data_shape[0]
+        )
+        if not num_classes or not input_shape:
+            raise ClientError("uploading weights needs --num-classes and --input-shape (e.g. 3,32,32)")
+        model["weights"] = upload_model(
+            client, path, model["arch"], int(num_classes), list(input_shape), model.get("options") or {}
+        )
+        print(f"uploaded weights {path} as model {model['weights']}", file=sys.stderr)
     return config
 
 
@@ -397,6 +427,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", default=None, help="API key (default: $LORITA_API_KEY).")
     p.add_argument("--weights", default=None, help="Upload these weights first (.safetensors or .pt).")
     p.add_argument("--arch", default=None, help="Architecture of --weights (default: model.arch).")
+    p.add_argument("--num-classes", type=int, default=None, help="Classes of --weights (default: config).")
+    p.add_argument("--input-shape", default=None, help="Input shape of --weights, e.g. 3,32,32.")
     p.add_argument(
         "--dataset", default=None, help="Upload this dataset first (.npz or an ImageFolder archive)."
     )
