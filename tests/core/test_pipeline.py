@@ -1,0 +1,141 @@
+"""`lorita compress` end to end, and the errors a person sees on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cli.main import main
+from core.config import DatasetConfig, load_config
+from core.data import load_data
+from core.export import load_model, onnx_accuracy
+from core.train import accuracy
+from core.zoo import build_model
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "model": {"arch": "fcn", "options": {"depth": 3, "width": 48}},
+        "dataset": {"name": "digits"},
+        "train": {"factors": 3, "epochs": 3, "lr": 0.01, "weight_decay": 5e-4, "batch_size": 128},
+        "compress": {"policy": "global", "keep": 0.4},
+        "measure": {"latency_repeats": 2},
+        "export": ["safetensors", "pt2", "onnx"],
+    }
+    cfg.update(overrides)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("job")
+    out = tmp / "out"
+    assert main(["compress", str(_config(tmp)), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_compress_writes_every_artifact(finished_job: Path) -> None:
+    for name in ("model.safetensors", "model.json", "model.pt2", "model.onnx", "report.json"):
+        assert (finished_job / name).is_file(), name
+    report = json.loads((finished_job / "report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert report["flops"]["after"] < report["flops"]["before"]
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            assert 0.0 <= report["accuracy"][split][when] <= 1.0
+    assert set(report["latency_ms"]) == {"1", "64"}
+    assert any(r["factorized"] for r in report["ranks"].values())
+    assert {"prepare", "train", "collapse", "compress", "measure", "export"} <= set(report["timings"])
+    for fmt in ("safetensors", "pt2", "onnx"):
+        assert report["files"][fmt]["max_abs_diff"] < 1e-3
+
+
+def test_reported_test_accuracy_is_what_the_exported_onnx_scores(finished_job: Path) -> None:
+    report = json.loads((finished_job / "report.json").read_text())
+    data = load_data(DatasetConfig(name="digits"), seed=0)
+    x, y = (t.numpy() for t in data.test.tensors)
+    assert onnx_accuracy(finished_job / "model.onnx", x, y) == pytest.approx(
+        report["accuracy"]["test"]["after"], abs=1e-9
+    )
+    model = load_model(finished_job)
+    assert accuracy(model, data.test) == pytest.approx(report["accuracy"]["test"]["after"], abs=1e-9)
+    program = torch.export.load(str(finished_job / "model.pt2"))
+    torch.testing.assert_close(program.module()(data.test.tensors[0][:8]), model(data.test.tensors[0][:8]))
+
+
+def test_compress_only_given_weights(tmp_path: Path, finished_job: Path) -> None:
+    """train: null compresses uploaded weights as they are (here: the dense model of a job)."""
+    out = tmp_path / "svt"
+    cfg = _config(
+        tmp_path,
+        model={
+            "arch": "fcn",
+            "options": {"depth": 3, "width": 48},
+            "weights": str(finished_job / "dense" / "model.safetensors"),
+        },
+        train=None,
+        compress={"policy": "energy", "energy": 0.9},
+        export=["safetensors"],
+        measure={"latency": False},
+    )
+    assert main(["compress", str(cfg), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    first = json.loads((finished_job / "report.json").read_text())
+    assert report["accuracy"]["test"]["before"] == pytest.approx(first["accuracy"]["test"]["before"])
+    assert report["training"]["factors"] is None
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_example_configs_are_valid(example: Path) -> None:
+    load_config(example)
+
+
+def _run_failing(capsys: pytest.CaptureFixture[str], cfg: Path, tmp_path: Path) -> str:
+    code = main(["compress", str(cfg), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_field_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_failing(capsys, _config(tmp_path, trian={"epochs": 1}), tmp_path)
+    assert "trian" in err and "unknown field" in err
+
+
+def test_unknown_architecture_lists_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_failing(capsys, _config(tmp_path, model={"arch": "resnet999"}), tmp_path)
+    assert "resnet999" in err and "resnet20" in err and "vgg16" in err
+
+
+def test_unknown_dataset_lists_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_failing(capsys, _config(tmp_path, dataset={"name": "imagenet"}), tmp_path)
+    assert "imagenet" in err and "digits" in err and "cifar10" in err
+
+
+def test_npz_with_missing_keys_says_which(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=np.zeros((20, 4), np.float32), y_train=np.zeros(20, np.int64))
+    err = _run_failing(capsys, _config(tmp_path, dataset={"path": str(npz)}), tmp_path)
+    assert "x_test" in err and "y_test" in err
+
+
+def test_weights_that_do_not_fit_list_the_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = build_model("fcn", 10, (1, 8, 8), {"depth": 2, "width": 32})
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    cfg = _config(
+        tmp_path, model={"arch": "fcn", "options": {"depth": 3, "width": 48}, "weights": str(weights)}
+    )
+    err = _run_failing(capsys, cfg, tmp_path)
+    assert "do not fit" in err and "1.weight" in err
