@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -155,48 +154,17 @@ def choose_ranks(
     dense_flops: int,
     evaluate: Callable[[svt.Ranks], float],
 ) -> tuple[svt.Ranks, list[dict[str, Any]]]:
-    """The ranks the config's policy asks for, and every point evaluated on the way."""
-    policy = config.compress
+    """The ranks the config's policy asks for, and every point evaluated on the way.
+
+    Every policy goes through :func:`core.search.choose`, so every report has the dense
+    reference and the chosen point on its Pareto curve (the budget policies add the points
+    of their search).
+    """
+    from core import search
+
     other_params = dense_params - sum(sp.dense_params() for sp in spectra.values())
     other_flops = dense_flops - sum(sp.flops_at(sp.full_rank) for sp in spectra.values())
-    full = {k: sp.full_rank for k, sp in spectra.items()}
-    if policy.policy == "none":
-        ranks = full
-    elif policy.policy == "uniform":
-        ranks = svt.ranks_uniform(spectra, policy.keep)
-    elif policy.policy == "global":
-        ranks = svt.ranks_global(spectra, policy.keep)
-    elif policy.policy == "energy":
-        ranks = svt.ranks_energy(spectra, policy.energy)
-    elif policy.policy in ("params_budget", "flops_budget", "accuracy_budget"):
-        search = _optional_search()
-        if search is not None:
-            return search.choose(policy, spectra, other_params, other_flops, evaluate)  # type: ignore[no-any-return]
-        if policy.policy == "accuracy_budget":
-            raise ConfigError("the accuracy_budget policy is not available in this build")
-        cost = "params" if policy.policy == "params_budget" else "flops"
-        dense = dense_params if cost == "params" else dense_flops
-        other = other_params if cost == "params" else other_flops
-        ranks, _ = svt.ranks_under_budget(spectra, cost, math.floor(policy.budget * dense), other)
-    else:  # pragma: no cover - the config schema rejects other names
-        raise ConfigError(f"unknown policy {policy.policy!r}")
-    point = {
-        "ranks": svt.effective_ranks(spectra, ranks),
-        "params": svt.params_of(spectra, ranks, other_params),
-        "flops": svt.flops_of(spectra, ranks, other_flops),
-        "val_accuracy": evaluate(ranks),
-    }
-    return ranks, [point]
-
-
-def _optional_search() -> Any:
-    """core.search (the data-driven rank search) when this build has it."""
-    import importlib
-
-    try:
-        return importlib.import_module("core.search")
-    except ModuleNotFoundError:
-        return None
+    return search.choose(config.compress, spectra, other_params, other_flops, evaluate)
 
 
 def _versions() -> dict[str, str]:
@@ -219,9 +187,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run the whole job of ``config``; write the artifacts into ``out_dir``; return the report."""
     from core.data import DataError, load_data
-    from core.export import ExportError, ModelMeta, export_all, save_model
     from core.lorita import apply_lorita, collapse, find_targets
-    from core.metrics import count_flops, count_params, summarize
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +247,32 @@ def run_job(
                 raise JobError(str(err)) from None
     model.to(device).eval()
 
+    return _compress_and_report(
+        config, model, data, out, job, device, num_classes, training=training, finetune=True
+    )
+
+
+def _compress_and_report(
+    config: JobConfig,
+    model: nn.Module,
+    data: Any,
+    out: Path,
+    job: _Job,
+    device: torch.device,
+    num_classes: int,
+    *,
+    training: dict[str, Any] | None,
+    finetune: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress the collapsed ``model``, fine-tune, measure, export, plot; write report.json.
+
+    Shared by :func:`run_job` and :func:`select` (which starts from a saved dense model).
+    """
+    from core.export import ExportError, ModelMeta, export_all, save_model
+    from core.metrics import count_flops, count_params, summarize
+
+    model.to(device).eval()
     with job.stage("compress", "SVD of each layer and rank selection"):
         dense_val = accuracy(model, data.val)
         dense_params = count_params(model)
@@ -296,7 +288,7 @@ def run_job(
         compressed_val = accuracy(compressed, data.val)
 
     finetune_info: dict[str, Any] | None = None
-    if config.finetune.epochs > 0:
+    if finetune and config.finetune.epochs > 0:
         with job.stage("finetune", "fine-tuning the compressed model"):
             tuned = copy.deepcopy(compressed)
             ft = fit(
@@ -305,8 +297,8 @@ def run_job(
                 data.val,
                 finetune_settings(config.finetune, config.train, config.dataset.augment),
                 device=device,
-                progress=progress,
-                should_stop=should_stop,
+                progress=job.progress,
+                should_stop=job.should_stop,
                 window=window("finetune"),
             )
             tuned_val = accuracy(tuned, data.val)
@@ -326,6 +318,7 @@ def run_job(
         after = summarize(
             compressed, data.input_shape, m.batch_sizes, m.latency_repeats, m.threads, m.latency
         )
+        # the test split is evaluated once, here, after every choice was made on validation
         test_before = accuracy(model, data.test)
         test_after = accuracy(compressed, data.test)
 
@@ -347,6 +340,7 @@ def run_job(
             config.model.arch, num_classes, list(data.input_shape), dict(config.model.options)
         )
         save_model(model.cpu(), dense_meta, out / DENSE_DIR)
+        plots = write_plots(out, spectra, pareto, config)
 
     report = {
         "name": config.name,
@@ -371,20 +365,133 @@ def run_job(
         },
         "ranks": table,
         "pareto": pareto,
+        "search": {"evaluations": len(pareto)},
         "training": training,
         "finetune": finetune_info,
         "files": files,
+        "plots": plots,
         "timings": job.timings,
         "device": str(device),
         "versions": _versions(),
+        **(extra or {}),
     }
     tmp = out / (REPORT_FILE + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out / REPORT_FILE)
-    if progress is not None:
-        progress(Progress("done", 1.0, message="finished"))
+    if job.progress is not None:
+        job.progress(Progress("done", 1.0, message="finished"))
     return report
+
+
+def write_plots(
+    out: Path, spectra: dict[str, svt.Spectrum], pareto: list[dict[str, Any]], config: JobConfig
+) -> dict[str, dict[str, Any]]:
+    """pareto.png and spectra.png next to report.json; ``{name: {"file", "bytes"}}``."""
+    from core.plots import PARETO_FILE, SPECTRA_FILE, plot_pareto, plot_spectra
+
+    title = f"{config.name or config.model.arch}: policy {config.compress.policy}"
+    written = {
+        "pareto": plot_pareto(pareto, out / PARETO_FILE, title=title),
+        "spectra": plot_spectra(spectra, out / SPECTRA_FILE),
+    }
+    return {k: {"file": p.name, "bytes": p.stat().st_size} for k, p in written.items()}
 
 
 def _before_after(before: int, after: int) -> dict[str, Any]:
     return {"before": before, "after": after, "ratio": after / before if before else None}
+
+
+# ---------------------------------------------------------------------------------------
+# lorita select: another operating point from a finished job, without training again
+# ---------------------------------------------------------------------------------------
+
+
+def read_job_report(job_dir: str | Path) -> dict[str, Any]:
+    """The report.json of a finished job's output directory (ConfigError when unusable)."""
+    path = Path(job_dir) / REPORT_FILE
+    if not Path(job_dir).is_dir():
+        raise ConfigError(f"{job_dir} is not a directory; give the --out directory of a finished job")
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{job_dir} has no {REPORT_FILE}; give the --out directory of a finished job"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("config"), dict):
+        raise ConfigError(f"{path} holds no job config; it is not the report of a finished job")
+    return report
+
+
+def select(
+    job_dir: str | Path,
+    compress: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    finetune: bool = False,
+    device: str | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> dict[str, Any]:
+    """Choose another operating point from the job in ``job_dir`` without training again.
+
+    Starts from the collapsed dense model the job saved (``job_dir/dense``), reloads the
+    job's data (same config and seed, so the same validation split), recomputes the spectra
+    and runs ``compress`` (a policy as in the job config) with the same search. Writes a
+    full set of artifacts and a report into ``out_dir``. Fine-tuning (the job's
+    ``finetune`` settings) runs only when ``finetune`` is true; otherwise the new report's
+    config says ``finetune.epochs = 0``. With the job's own policy (and fine-tuning as the
+    job did) the ranks and figures are those of the job.
+    """
+    from core.config import parse_config
+    from core.data import DataError, load_data
+    from core.export import ModelMetaError, WeightsError, load_model, read_meta
+
+    source = Path(job_dir)
+    original = read_job_report(source)
+    raw = dict(original["config"])
+    raw["compress"] = dict(compress)
+    if not finetune:
+        raw["finetune"] = {**dict(raw.get("finetune") or {}), "epochs": 0}
+    if device is not None:
+        raw["device"] = device
+    config = parse_config(raw)
+
+    out = Path(out_dir)
+    if out.resolve() == source.resolve():
+        raise ConfigError("the output directory must differ from the job's directory")
+    job = _Job(progress, should_stop)
+    with job.stage("prepare", "loading the dense model and the data"):
+        try:
+            meta = read_meta(source / DENSE_DIR)
+            model = load_model(source / DENSE_DIR)
+        except (ModelMetaError, WeightsError) as err:
+            raise ConfigError(
+                f"cannot reload the job's dense model from {source / DENSE_DIR}: {err}"
+            ) from None
+        if meta.ranks:
+            raise ConfigError(f"{source / DENSE_DIR} holds a compressed model; select needs the dense one")
+        seed = config.train.seed if config.train else 0
+        try:
+            data = load_data(config.dataset, seed=seed)
+        except DataError as err:
+            raise JobError(f"dataset: {err}") from None
+        if list(data.input_shape) != list(meta.input_shape):
+            raise ConfigError(
+                f"the data now has input shape {list(data.input_shape)} but the job's model takes "
+                f"{meta.input_shape}; the dataset changed since the job ran"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return _compress_and_report(
+        config,
+        model,
+        data,
+        out,
+        job,
+        resolve_device(config.device),
+        meta.num_classes,
+        training=original.get("training"),
+        finetune=finetune,
+        extra={"selected_from": str(source)},
+    )
