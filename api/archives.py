@@ -102,7 +102,8 @@ def _extract_zip(src: Path, root: Path, budget: _Budget) -> None:
         if declared_total > budget.max_bytes:
             raise ArchiveError(f"the archive extracts to more than {budget.max_bytes} bytes, the limit")
         for info in infos:
-            mode = info.external_attr >> 16
+            # Unix type bits, when the zip was made on Unix (0 otherwise, e.g. Windows or writestr)
+            mode = stat.S_IFMT(info.external_attr >> 16)
             if stat.S_ISLNK(mode):
                 raise ArchiveError(
                     f"archive entry {info.filename!r} is a symbolic link; links are not allowed"

@@ -186,7 +186,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRe
     job = _job_or_404(session, tenant, job_id)
     outcome = job_repo.request_cancel(session, job)
     if outcome is job_repo.CancelOutcome.FINISHED:
-        session.rollback()
+        # nothing was written; the session dependency rolls back on the way out
         raise AppError(409, f"job {job_id} has already {job.status}; there is nothing to cancel")
     session.commit()
     return job_read(job)
