@@ -197,3 +197,18 @@ def test_unknown_file_type_is_422(client: TestClient, alice: Caller) -> None:
 
     assert resp.status_code == 422
     assert ".npz" in resp.json()["detail"]
+
+
+def test_zip_with_a_symlink_is_refused(client: TestClient, alice: Caller, session: Session) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("cat/0.png", png_bytes(1))
+        link = zipfile.ZipInfo("dog/0.png")
+        link.create_system = 3  # Unix
+        link.external_attr = (0o120777) << 16  # S_IFLNK
+        zf.writestr(link, "/etc/passwd")
+
+    resp = post_file(client, alice, "link.zip", buf.getvalue())
+
+    assert resp.status_code == 422 and "symbolic link" in resp.json()["detail"]
+    assert dataset_rows(session) == 0

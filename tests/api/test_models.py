@@ -176,3 +176,17 @@ def test_bad_form_fields_are_422_with_the_reason(
 
     assert resp.status_code == 422
     assert expected in resp.json()["detail"]
+
+
+def test_body_far_past_the_cap_is_refused_before_it_is_read(
+    make_client: Any, settings: Settings, alice: Caller, session: Session
+) -> None:
+    client = make_client(settings.model_copy(update={"max_upload_bytes": 1000}))
+    big = b"\0" * (3 * 1024 * 1024)
+
+    resp = client.post(
+        "/v1/models", headers=alice.headers, data=FCN_FORM, files={"file": ("w.safetensors", big)}
+    )
+
+    assert resp.status_code == 413 and "1000 bytes" in resp.json()["detail"]
+    assert model_rows(session) == 0 and stored_files(settings) == []
