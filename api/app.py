@@ -44,7 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.artifact_store = LocalArtifactStore(settings.artifact_dir)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
+        file_limit=settings.max_upload_bytes,
+    )
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
     return app

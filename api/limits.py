@@ -16,9 +16,11 @@ class BodySizeLimit:
     errors raised while reading the body through to the error handler unchanged.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, file_limit: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # the limit people configure (LORITA_MAX_UPLOAD_BYTES), named in the message
+        self.file_limit = file_limit or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,7 +28,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            err = too_large(self.max_bytes)
+            err = too_large(self.file_limit)
             body = json.dumps({"detail": err.detail}).encode()
             await send(
                 {
@@ -48,7 +50,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise too_large(self.max_bytes)
+                    raise too_large(self.file_limit)
             return message
 
         await self.app(scope, receive if scope["method"] in ("GET", "HEAD") else counting_receive, send)
