@@ -190,3 +190,24 @@ def test_body_far_past_the_cap_is_refused_before_it_is_read(
 
     assert resp.status_code == 413 and "1000 bytes" in resp.json()["detail"]
     assert model_rows(session) == 0 and stored_files(settings) == []
+
+
+def test_chunked_body_past_the_cap_is_refused_while_streaming(
+    make_client: Any, settings: Settings, alice: Caller, session: Session
+) -> None:
+    client = make_client(settings.model_copy(update={"max_upload_bytes": 1000}))
+    boundary = "lorita-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="w.safetensors"\r\n\r\n'
+    ).encode()
+
+    def body() -> Any:  # no Content-Length: only counting can stop it
+        yield head
+        for _ in range(48):
+            yield b"\0" * 65536
+
+    headers = alice.headers | {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    resp = client.post("/v1/models", headers=headers, content=body())
+
+    assert resp.status_code == 413 and "1000 bytes" in resp.json()["detail"]
+    assert model_rows(session) == 0 and stored_files(settings) == []
