@@ -9,7 +9,7 @@ from pathlib import Path
 from cli.output import fail, format_report_table, progress_bar
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compress",
         help="run a compression job locally and write its artifacts",

@@ -39,8 +39,8 @@ def empty_thin_pair(layer: nn.Module, rank: int) -> nn.Sequential:
     """An uninitialized thin pair with the same interface as ``layer``."""
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    dev, dtype = layer.weight.device, layer.weight.dtype
-    has_bias = getattr(layer, "bias", None) is not None
+    dev, dtype = weight_of(layer).device, weight_of(layer).dtype
+    has_bias = bias_of(layer) is not None
     if isinstance(layer, nn.Linear):
         first: nn.Module = nn.Linear(layer.in_features, rank, bias=False, device=dev, dtype=dtype)
         second: nn.Module = nn.Linear(rank, layer.out_features, bias=has_bias, device=dev, dtype=dtype)
@@ -65,16 +65,29 @@ def empty_thin_pair(layer: nn.Module, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` typed as a tensor (``nn.Module.__getattr__`` is typed loosely)."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    bias = getattr(layer, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def thin_pair_from_factors(layer: nn.Module, left: torch.Tensor, right: torch.Tensor) -> nn.Sequential:
     """A thin pair whose product ``left @ right`` (m x r times r x n) replaces ``layer.weight``."""
     rank = left.shape[1]
     pair = empty_thin_pair(layer, rank)
-    first, second = pair[0], pair[1]
+    first, second = weight_of(pair[0]), weight_of(pair[1])
+    bias, second_bias = bias_of(layer), bias_of(pair[1])
     with torch.no_grad():
-        first.weight.copy_(right.reshape(first.weight.shape))
-        second.weight.copy_(left.reshape(second.weight.shape))
-        if layer.bias is not None:
-            second.bias.copy_(layer.bias)
+        first.copy_(right.reshape(first.shape))
+        second.copy_(left.reshape(second.shape))
+        if bias is not None and second_bias is not None:
+            second_bias.copy_(bias)
     return pair
 
 
@@ -100,7 +113,7 @@ def install_empty_thin_pairs(model: nn.Module, ranks: dict[str, int]) -> nn.Modu
 def named_matrix_layers(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
     """Linear and ungrouped Conv2d modules, in definition order (optionally only ``names``)."""
     wanted = set(names) if names is not None else None
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if wanted is not None and name not in wanted:
             continue

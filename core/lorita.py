@@ -188,9 +188,10 @@ def _factor_parametrization(target: WeightTarget, n_factors: int) -> nn.Module:
 
 
 def _originals(module: nn.Module, param: str) -> list[nn.Parameter]:
-    plist: nn.Module = module.parametrizations[param]  # type: ignore[index]
+    plist = module.parametrizations[param]  # type: ignore[index]
+    assert isinstance(plist, nn.Module)
     if hasattr(plist, "original"):
-        return [plist.original]
+        return [plist.original]  # type: ignore[list-item]
     return [getattr(plist, f"original{i}") for i in range(len(list(plist.parameters())))]
 
 
@@ -267,7 +268,7 @@ def collapse(model: nn.Module) -> nn.Module:
     for name, mod in list(model.named_modules()):
         if not parametrize.is_parametrized(mod):
             continue
-        for param in list(mod.parametrizations.keys()):  # type: ignore[union-attr,operator]
+        for param in list(mod.parametrizations.keys()):
             with torch.no_grad():
                 value = getattr(mod, param)
             if not torch.isfinite(value).all():
@@ -286,7 +287,7 @@ def factor_parameters(model: nn.Module) -> int:
     total = 0
     for mod in model.modules():
         if parametrize.is_parametrized(mod):
-            for plist in mod.parametrizations.values():  # type: ignore[union-attr,operator]
+            for plist in mod.parametrizations.values():  # type: ignore[operator]
                 total += sum(p.numel() for p in plist.parameters())
     return total
 

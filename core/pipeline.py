@@ -424,6 +424,25 @@ def read_job_report(job_dir: str | Path) -> dict[str, Any]:
     return report
 
 
+def select_config(
+    job_dir: str | Path, compress: dict[str, Any], *, finetune: bool = False, device: str | None = None
+) -> tuple[JobConfig, dict[str, Any]]:
+    """The job config ``select`` runs (the job's, with ``compress``) and the job's report.
+
+    Raises ConfigError when ``job_dir`` is not a finished job or the policy is invalid.
+    """
+    from core.config import parse_config
+
+    original = read_job_report(job_dir)
+    raw = dict(original["config"])
+    raw["compress"] = dict(compress)
+    if not finetune:
+        raw["finetune"] = {**dict(raw.get("finetune") or {}), "epochs": 0}
+    if device is not None:
+        raw["device"] = device
+    return parse_config(raw), original
+
+
 def select(
     job_dir: str | Path,
     compress: dict[str, Any],
@@ -444,19 +463,11 @@ def select(
     config says ``finetune.epochs = 0``. With the job's own policy (and fine-tuning as the
     job did) the ranks and figures are those of the job.
     """
-    from core.config import parse_config
     from core.data import DataError, load_data
     from core.export import ModelMetaError, WeightsError, load_model, read_meta
 
     source = Path(job_dir)
-    original = read_job_report(source)
-    raw = dict(original["config"])
-    raw["compress"] = dict(compress)
-    if not finetune:
-        raw["finetune"] = {**dict(raw.get("finetune") or {}), "epochs": 0}
-    if device is not None:
-        raw["device"] = device
-    config = parse_config(raw)
+    config, original = select_config(source, compress, finetune=finetune, device=device)
 
     out = Path(out_dir)
     if out.resolve() == source.resolve():

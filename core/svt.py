@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from core.layers import (
     saves_parameters,
     set_submodule,
     thin_pair_from_factors,
+    weight_of,
 )
 
 Ranks = dict[str, int]
@@ -70,7 +71,7 @@ def _output_positions(model: nn.Module, names: Iterable[str], input_shape: tuple
     seen: dict[str, int] = {}
     hooks = []
 
-    def make_hook(name: str, mod: nn.Module):  # type: ignore[no-untyped-def]
+    def make_hook(name: str, mod: nn.Module) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
             per_sample = out.shape[1:]
             if isinstance(mod, nn.Conv2d):
@@ -110,7 +111,7 @@ def compute_spectra(
     spectra: dict[str, Spectrum] = {}
     for name, layer in layers:
         m, n = matrix_shape(layer)
-        matrix = layer.weight.detach().reshape(m, n).to("cpu", torch.float64)
+        matrix = weight_of(layer).detach().reshape(m, n).to("cpu", torch.float64)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
         spectra[name] = Spectrum(name, kind, m, n, u, s, vh, positions.get(name, 1))
@@ -224,10 +225,11 @@ def truncate(
         if not (sp.factorizes(rank) or force_factorize):
             continue
         layer = out.get_submodule(name)
+        weight = weight_of(layer)
         root = sp.s[:rank].sqrt()
-        left = (sp.u[:, :rank] * root).to(layer.weight.dtype)
-        right = (root[:, None] * sp.vh[:rank]).to(layer.weight.dtype)
-        pair = thin_pair_from_factors(layer, left.to(layer.weight.device), right.to(layer.weight.device))
+        left = (sp.u[:, :rank] * root).to(weight.device, weight.dtype)
+        right = (root[:, None] * sp.vh[:rank]).to(weight.device, weight.dtype)
+        pair = thin_pair_from_factors(layer, left, right)
         set_submodule(out, name, pair)
     return out
 
