@@ -1,0 +1,175 @@
+"""A dry run of a job: which weights LoRITa composes (and why others are skipped), what the
+factors cost during training, and the model's parameters and FLOPs — before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from core.config import ConfigError, JobConfig
+
+FLOAT32_BYTES = 4
+
+
+@dataclass
+class LayerPlan:
+    name: str  # "<module>.<param>"
+    kind: str  # linear | conv | attention_in | attention_qkv
+    shape: list[int]  # the parameter's shape
+    matrix: list[int]  # (m, n) it is seen as
+    composed: bool
+    reason: str = ""  # why it is skipped, when it is
+
+
+@dataclass
+class Plan:
+    factors: int
+    input_shape: list[int]
+    num_classes: int
+    params: int  # of the model as built (dense)
+    flops: int  # one forward pass, batch 1
+    layers: list[LayerPlan] = field(default_factory=list)
+    factor_params: int = 0  # trainable numbers in the factors of composed weights
+    composed_dense_params: int = 0  # the dense weights those factors replace
+    optimizer: str = "adam"
+    optimizer_states: int = 2  # float32 numbers the optimizer keeps per parameter
+    arch: str = ""
+
+    @property
+    def composed(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers if lp.composed]
+
+    @property
+    def skipped(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers if not lp.composed]
+
+    @property
+    def extra_params(self) -> int:
+        """Trainable parameters added by the factorization (factors minus the dense weights)."""
+        return self.factor_params - self.composed_dense_params
+
+    @property
+    def training_params(self) -> int:
+        return self.params + self.extra_params
+
+    def training_bytes(self, params: int) -> int:
+        """Parameters + gradients + optimizer states, float32 (activations not included)."""
+        return params * FLOAT32_BYTES * (2 + self.optimizer_states)
+
+    def to_dict(self) -> dict[str, Any]:
+        dense_bytes = self.training_bytes(self.params)
+        lorita_bytes = self.training_bytes(self.training_params)
+        return {
+            "arch": self.arch,
+            "factors": self.factors,
+            "input_shape": self.input_shape,
+            "num_classes": self.num_classes,
+            "params": self.params,
+            "flops": self.flops,
+            "composed": [dataclasses.asdict(lp) for lp in self.composed],
+            "skipped": [dataclasses.asdict(lp) for lp in self.skipped],
+            "training": {
+                "factor_params": self.factor_params,
+                "composed_dense_params": self.composed_dense_params,
+                "extra_params": self.extra_params,
+                "trainable_params": self.training_params,
+                "optimizer": self.optimizer,
+                "optimizer_states_per_param": self.optimizer_states,
+                "memory_bytes": {
+                    "dense": dense_bytes,
+                    "lorita": lorita_bytes,
+                    "extra": lorita_bytes - dense_bytes,
+                    "note": "parameters + gradients + optimizer states in float32; activations excluded",
+                },
+            },
+        }
+
+
+def optimizer_states(optimizer: str, momentum: float = 0.9) -> int:
+    """float32 numbers kept per parameter: Adam/AdamW two moments, SGD one momentum buffer."""
+    if optimizer in ("adam", "adamw"):
+        return 2
+    if optimizer == "sgd":
+        return 1 if momentum > 0 else 0
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def plan_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    factors: int,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+) -> Plan:
+    """The plan for ``model`` (left unchanged): targets, factor cost, parameters and FLOPs."""
+    from core.lorita import apply_lorita, factor_parameters, find_targets
+    from core.metrics import count_flops, count_params
+
+    targets = find_targets(model, include, exclude)
+    layers = [
+        LayerPlan(t.name, t.kind, list(t.shape), list(t.matrix_shape), t.eligible, t.reason) for t in targets
+    ]
+    shape = tuple(int(s) for s in input_shape)
+    plan = Plan(
+        factors=factors,
+        input_shape=list(shape),
+        num_classes=0,
+        params=count_params(model),
+        flops=count_flops(model, shape),
+        layers=layers,
+        optimizer=optimizer,
+        optimizer_states=optimizer_states(optimizer, momentum),
+    )
+    if factors >= 2:
+        # Count on a real composed copy, so the figure is what training will hold.
+        composed = copy.deepcopy(model)
+        done = apply_lorita(composed, factors, include, exclude, init="scratch")
+        plan.factor_params = factor_parameters(composed)
+        plan.composed_dense_params = sum(_numel(t.shape) for t in done)
+    return plan
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def plan_job(config: JobConfig) -> Plan:
+    """The plan of a job config: builds the model for the config's data, trains nothing."""
+    from core.data import DataError, load_data
+    from core.pipeline import build
+
+    seed = config.train.seed if config.train else 0
+    try:
+        data = load_data(config.dataset, seed=seed)
+    except DataError as err:
+        raise ConfigError(f"dataset: {err}") from None
+    model = build(config, data)
+    tcfg = config.train
+    plan = plan_model(
+        model,
+        data.input_shape,
+        tcfg.factors if tcfg else 1,
+        tcfg.include if tcfg else (),
+        tcfg.exclude if tcfg else (),
+        optimizer=tcfg.optimizer if tcfg else "adam",
+        momentum=tcfg.momentum if tcfg else 0.9,
+    )
+    plan.num_classes = config.model.num_classes or data.num_classes
+    plan.arch = config.model.arch
+    if tcfg is None:  # compress-only job: nothing is composed or trained
+        plan.factors = 0
+        for lp in plan.layers:
+            if lp.composed:
+                lp.composed, lp.reason = False, "no training in this job (train is null)"
+    return plan
