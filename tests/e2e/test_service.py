@@ -160,9 +160,10 @@ def count_rows(db_url: str, table: Any, job_id: str) -> int:
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            return int(
-                conn.execute(select(func.count()).select_from(table).where(table.job_id == job_id)).scalar()
-            )
+            count = conn.execute(
+                select(func.count()).select_from(table).where(table.job_id == job_id)
+            ).scalar()
+            return int(count or 0)
     finally:
         engine.dispose()
 
