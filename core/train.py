@@ -222,7 +222,8 @@ def fit(
             if should_stop is not None and should_stop():
                 raise JobCanceled("canceled")
             if settings.augment and xb.dim() == 4:
-                xb = augment_batch(xb, gen)
+                # A 4-pixel pad suits 32x32 images; scale it for smaller ones (8x8 digits: 1).
+                xb = augment_batch(xb, gen, pad=max(1, xb.shape[-1] // 8))
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with _autocast(device, settings.amp):
                 loss = loss_fn(model(xb).float(), yb)
