@@ -76,7 +76,8 @@ def test_job_runs_to_success_with_result_and_verified_artifacts(service_db: str)
         assert result is not None
         report = result.report
         assert result.test_accuracy_after == report["accuracy"]["test"]["after"]
-        assert result.params_after is not None and result.params_after < result.params_before
+        assert result.params_before is not None and result.params_after is not None
+        assert result.params_after < result.params_before
         artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
         names = sorted(a.name for a in artifacts)
         assert "model.safetensors" in names and "report.json" in names
