@@ -73,7 +73,10 @@ class _Factorized(nn.Module):
         self.left = self.m <= self.n
 
     def forward(self, *factors: torch.Tensor) -> torch.Tensor:
-        return _product(factors, self.left).reshape(self.weight_shape)
+        # Note: under bf16 autocast a chain of N matmuls would round N times; form the product
+        # in the factors' own precision and let the layer cast the result once.
+        with torch.autocast(factors[0].device.type, enabled=False):
+            return _product(factors, self.left).reshape(self.weight_shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if tuple(weight.shape) != self.weight_shape:
