@@ -291,26 +291,36 @@ def _compress_and_report(
     if finetune and config.finetune.epochs > 0:
         with job.stage("finetune", "fine-tuning the compressed model"):
             tuned = copy.deepcopy(compressed)
-            ft = fit(
-                tuned,
-                data.train,
-                data.val,
-                finetune_settings(config.finetune, config.train, config.dataset.augment),
-                device=device,
-                progress=job.progress,
-                should_stop=job.should_stop,
-                window=window("finetune"),
-            )
-            tuned_val = accuracy(tuned, data.val)
-            kept = tuned_val >= compressed_val  # never return a model worse than the untuned one
-            finetune_info = {
-                "history": ft.history,
-                "val_accuracy_before": compressed_val,
-                "val_accuracy_after": tuned_val,
-                "kept": kept,
-            }
-            if kept:
-                compressed, compressed_val = tuned, tuned_val
+            try:
+                ft = fit(
+                    tuned,
+                    data.train,
+                    data.val,
+                    finetune_settings(config.finetune, config.train, config.dataset.augment),
+                    device=device,
+                    progress=job.progress,
+                    should_stop=job.should_stop,
+                    window=window("finetune"),
+                )
+            except JobError as err:  # a diverging fine-tune: keep the untuned model, say why
+                finetune_info = {
+                    "history": [],
+                    "val_accuracy_before": compressed_val,
+                    "val_accuracy_after": None,
+                    "kept": False,
+                    "error": str(err),
+                }
+            else:
+                tuned_val = accuracy(tuned, data.val)
+                kept = tuned_val >= compressed_val  # never return a model worse than the untuned one
+                finetune_info = {
+                    "history": ft.history,
+                    "val_accuracy_before": compressed_val,
+                    "val_accuracy_after": tuned_val,
+                    "kept": kept,
+                }
+                if kept:
+                    compressed, compressed_val = tuned, tuned_val
 
     with job.stage("measure", "accuracy, parameters, FLOPs, latency"):
         m = config.measure
