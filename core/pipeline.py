@@ -5,7 +5,8 @@ Contract used by the CLI and the worker:
     report = run_job(config, out_dir, work_dir=..., progress=fn, should_stop=fn)
 
 - ``out_dir`` receives the artifacts: model.safetensors, model.json, model.pt2, model.onnx,
-  report.json (and plots / spectra for ``lorita select``).
+  report.json, pareto.png and spectra.png (listed under the report's "plots"), and
+  dense/ (the collapsed uncompressed model, which ``select`` starts from).
 - ``work_dir`` holds the training checkpoint (``checkpoint.pt``, written atomically each
   epoch); when one is there, training resumes from it. Defaults to ``out_dir / "work"``.
 - ``progress`` receives :class:`core.progress.Progress` reports.
@@ -13,6 +14,10 @@ Contract used by the CLI and the worker:
   :class:`core.progress.JobCanceled`.
 - A :class:`core.progress.JobError` or :class:`core.config.ConfigError` carries a message for
   a person. Returns the report dict (also written to ``out_dir / "report.json"``).
+
+    report = select(job_dir, {"policy": "params_budget", "budget": 0.2}, new_dir)
+
+picks another operating point from a finished job without training again (``lorita select``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import torch
 
 from core import search, svt
 from core.config import AccuracyBudgetPolicy, ParamsBudgetPolicy
+from core.data import DataBundle
 from core.svt import Ranks, Spectrum
 
 # ---------------------------------------------------------------------------------------
@@ -172,12 +173,15 @@ def test_pareto_points_carry_the_report_fields(spectra: dict[str, Spectrum]) -> 
     assert points[0]["params_fraction"] == 1.0 and points[0]["flops_fraction"] == 1.0
 
 
+Trained = tuple[torch.nn.Module, DataBundle, dict[str, Spectrum]]
+
+
 # ---------------------------------------------------------------------------------------
 # a real model: tiny FCN, short LoRITa training on digits
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, object, dict[str, Spectrum]]:
+def trained() -> Trained:
     from core.config import DatasetConfig
     from core.data import load_data
     from core.lorita import apply_lorita, collapse
@@ -200,15 +204,15 @@ def trained() -> tuple[torch.nn.Module, object, dict[str, Spectrum]]:
     return model, data, svt.compute_spectra(model, data.input_shape)
 
 
-def _others(model: torch.nn.Module, data: object, spectra: dict[str, Spectrum]) -> tuple[int, int]:
+def _others(model: torch.nn.Module, data: DataBundle, spectra: dict[str, Spectrum]) -> tuple[int, int]:
     from core.metrics import count_flops, count_params
 
     params = count_params(model) - sum(sp.dense_params() for sp in spectra.values())
-    flops = count_flops(model, data.input_shape) - sum(sp.flops_at(sp.full_rank) for sp in spectra.values())  # type: ignore[attr-defined]
+    flops = count_flops(model, data.input_shape) - sum(sp.flops_at(sp.full_rank) for sp in spectra.values())
     return params, flops
 
 
-def test_accuracy_budget_on_digits_finds_the_edge(trained) -> None:  # type: ignore[no-untyped-def]
+def test_accuracy_budget_on_digits_finds_the_edge(trained: Trained) -> None:
     from core.train import accuracy
 
     model, data, spectra = trained
@@ -236,7 +240,7 @@ def test_accuracy_budget_on_digits_finds_the_edge(trained) -> None:  # type: ign
     assert accuracy(svt.truncate(model, spectra, nxt), data.val) < dense_val - 0.02
 
 
-def test_accuracy_budget_with_refinement_on_digits(trained) -> None:  # type: ignore[no-untyped-def]
+def test_accuracy_budget_with_refinement_on_digits(trained: Trained) -> None:
     from core.train import accuracy
 
     model, data, spectra = trained
@@ -256,7 +260,7 @@ def test_accuracy_budget_with_refinement_on_digits(trained) -> None:  # type: ig
     assert any(p["params"] < chosen["params"] and not p["within_budget"] for p in points)
 
 
-def test_params_budget_on_digits_keeps_at_most_the_budget(trained) -> None:  # type: ignore[no-untyped-def]
+def test_params_budget_on_digits_keeps_at_most_the_budget(trained: Trained) -> None:
     from core.metrics import count_params
     from core.train import accuracy
 
