@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from store.settings import get_settings
 
@@ -36,8 +37,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _pool_kwargs(url: str) -> dict[str, Any]:
+    """Pool sizes from the settings, for the engines that use a QueuePool (not in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        return {}
+    settings = get_settings()
+    return {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow}
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """A new engine for ``url``; SQLite gets foreign keys, WAL and a lock timeout."""
+    if "poolclass" not in kwargs and "pool" not in kwargs:
+        for name, value in _pool_kwargs(url).items():
+            kwargs.setdefault(name, value)
     backend = make_url(url).get_backend_name()
     if backend == "sqlite":
         ensure_sqlite_dir(url)
@@ -86,10 +99,28 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
 
 
-def dispose_engines() -> None:
-    """Close every pooled connection (after a fork, or at the end of tests)."""
+def steady_pool_size(engine: Engine) -> int | None:
+    """The connections ``engine``'s pool keeps open, or None where checkout never waits.
+
+    More than that in use at once is served by overflow connections, which are opened for one
+    checkout and closed when returned: a new server process per request on PostgreSQL. Callers
+    that bound their concurrency (the API's database slots) bound it by this number.
+    """
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return None  # NullPool / StaticPool / SingletonThreadPool: no shared limit to wait on
+    return pool.size()
+
+
+def dispose_engines(close: bool = True) -> None:
+    """Forget every engine of this process, so the next use connects afresh.
+
+    ``close=True`` (end of tests, shutdown) closes the pooled connections. After a fork pass
+    ``close=False``: the child must neither use nor close the sockets it inherited, which the
+    parent still owns; they are dropped, and the parent's connections stay intact.
+    """
     with _lock:
         for engine in _engines.values():
-            engine.dispose()
+            engine.dispose(close=close)
         _engines.clear()
         _sessionmakers.clear()

@@ -30,6 +30,23 @@ class Settings(BaseSettings):
     )
     lease_seconds: int = Field(default=60, ge=5, description="A running job's lease, renewed by heartbeats.")
     max_attempts: int = Field(default=3, ge=1, le=100, description="Runs of a job before it fails.")
+    db_pool_size: int = Field(
+        default=10, ge=1, description="Database connections each process keeps open (per API worker)."
+    )
+    db_max_overflow: int = Field(
+        default=10, ge=0, description="Extra connections a process may open under load, closed when idle."
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long the API trusts a checked API key without asking the database again; "
+        "a revoked key stops working within this time. 0 checks every request.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads torch may use in a worker's job (None: torch's default, all cores).",
+    )
 
     @model_validator(mode="after")
     def _production_needs_real_servers(self) -> Settings:

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from store import lifecycle
 from store.artifacts import get_artifact_store, job_key, sha256_file
-from store.db import session_scope
+from store.db import dispose_engines, session_scope
 from store.models import Dataset, Job, ModelRecord
 from store.settings import get_settings
 from worker.celery_app import TASK_RUN_JOB, app
@@ -251,9 +251,4 @@ def run_job_task(job_id: str) -> str:
 @signals.worker_process_init.connect
 def _fresh_connections_after_fork(**_: Any) -> None:
     """A forked pool process must not reuse the parent's pooled database connections."""
-    import store.db as db
-
-    for engine in list(db._engines.values()):
-        engine.dispose(close=False)
-    db._engines.clear()
-    db._sessionmakers.clear()
+    dispose_engines(close=False)
