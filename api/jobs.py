@@ -9,8 +9,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep
+from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep, TenantRef
 from api.errors import AppError
 from api.schemas import (
     ArtifactRead,
@@ -22,7 +23,7 @@ from api.schemas import (
     ResultSummary,
 )
 from core.config import JobConfig
-from store.models import Job, Result, Tenant
+from store.models import Job, Result
 from store.repositories import datasets as dataset_repo
 from store.repositories import jobs as job_repo
 from store.repositories import models as model_repo
@@ -35,7 +36,7 @@ _UPLOAD_MODEL_HINT = "upload weights with POST /v1/models and put the returned i
 _UPLOAD_DATA_HINT = 'upload data with POST /v1/datasets and reference it as {"id": "<dataset id>"}'
 
 
-def resolve_references(session: Session, tenant: Tenant, config: JobConfig) -> JobConfig:
+def resolve_references(session: Session, tenant: TenantRef, config: JobConfig) -> JobConfig:
     """Check that every reference in ``config`` is one of this tenant's uploads, and fill in
     what the uploaded model fixes (num_classes, options). A client never names a server path."""
     ds = config.dataset
@@ -88,8 +89,12 @@ def resolve_references(session: Session, tenant: Tenant, config: JobConfig) -> J
     return config
 
 
+_JOB_COLUMNS = tuple(name for name in JobRead.model_fields if name != "result")
+
+
 def job_read(job: Job) -> JobRead:
-    read = JobRead.model_validate(job, from_attributes=True).model_copy(update={"result": None})
+    # the columns only: touching ``job.result`` would lazy-load it, a second query on every poll
+    read = JobRead.model_validate({name: getattr(job, name) for name in _JOB_COLUMNS})
     if job.status == "succeeded" and job.result is not None:
         read.result = result_summary(job.result)
     return read
@@ -104,7 +109,7 @@ def result_summary(result: Result) -> ResultSummary:
     return summary
 
 
-def _job_or_404(session: Session, tenant: Tenant, job_id: str) -> Job:
+def _job_or_404(session: Session, tenant: TenantRef, job_id: str) -> Job:
     job = job_repo.get_for_tenant(session, tenant.id, job_id)
     if job is None:
         raise AppError(404, f"job {job_id} not found")
@@ -156,7 +161,7 @@ def create_job(
         return job_read(job)
     session.commit()  # the row is durable before any worker can hear of it
     try:
-        dispatcher.send(job.id)
+        dispatcher.send(job.id, config=job.config)
     except Exception:
         # the job stays queued; the sweeper re-sends queued jobs nobody picked up
         log.warning("could not enqueue job %s; it stays queued for the sweeper", job.id, exc_info=True)
@@ -175,9 +180,17 @@ def list_jobs(
     return JobsRead(data=[job_read(j) for j in jobs], count=count)
 
 
+def _read_job_and_release(session: Session, tenant: TenantRef, job_id: str) -> JobRead:
+    read = job_read(_job_or_404(session, tenant, job_id))
+    session.close()  # the connection goes back to the pool here, in this thread
+    return read
+
+
 @router.get("/{job_id}", response_model=JobRead, summary="Get a job's status and progress")
-def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRead:
-    return job_read(_job_or_404(session, tenant, job_id))
+async def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRead:
+    """The endpoint clients poll: one query and one thread hop, the connection released before
+    the response is encoded."""
+    return await run_in_threadpool(_read_job_and_release, session, tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead, summary="Cancel a job")

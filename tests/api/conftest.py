@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -88,7 +89,7 @@ class RecordingDispatcher:
     row_status_at_send: list[str | None] = field(default_factory=list)
     fail: bool = False
 
-    def send(self, job_id: str) -> None:
+    def send(self, job_id: str, config: Mapping[str, Any] | None = None) -> None:
         job = self.session.get(Job, job_id, populate_existing=True)
         self.row_status_at_send.append(job.status if job is not None else None)
         self.sent.append(job_id)

@@ -3,8 +3,9 @@ before the dispatcher hears of it, seen from a separate session, as a worker wou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +23,7 @@ class FreshSessionDispatcher:
         self.url = url
         self.seen: list[tuple[str, str | None]] = []
 
-    def send(self, job_id: str) -> None:
+    def send(self, job_id: str, config: Mapping[str, Any] | None = None) -> None:
         with session_scope(self.url) as session:
             job = session.get(Job, job_id)
             self.seen.append((job_id, job.status if job else None))
