@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -27,9 +31,33 @@ Errors are JSON `{"detail": "..."}` saying what to change. Another tenant's obje
 """
 
 
+log = logging.getLogger("lorita.api")
+
+
+def _warm_imports() -> None:
+    """Import what the first job submission needs, ahead of it.
+
+    Validating a job config checks the architecture against ``core.zoo``, which imports torch:
+    seconds of the first ``POST /v1/jobs`` otherwise (measured 2.7 s of a 2.9 s dispatch on two
+    cores). Done in a thread at start-up, so the service answers probes meanwhile; a request that
+    needs the modules earlier waits on the import lock, as it would have anyway.
+    """
+    try:
+        import core.zoo  # noqa: F401
+    except Exception:  # a missing optional part shows up, with its message, where it is used
+        log.debug("warm-up import failed", exc_info=True)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    threading.Thread(target=_warm_imports, name="lorita-warm-up", daemon=True).start()
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
+        lifespan=_lifespan,
         title="lorita",
         version="0.1.0",
         description=DESCRIPTION,
