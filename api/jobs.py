@@ -181,6 +181,10 @@ def list_jobs(
 
 
 def _read_job_and_release(session: Session, tenant: TenantRef, job_id: str) -> JobRead:
+    if session.get_transaction() is None:
+        # One statement needs no transaction: in autocommit there is no BEGIN before the SELECT
+        # and no ROLLBACK when the connection goes back, two of the round trips of a poll.
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     read = job_read(_job_or_404(session, tenant, job_id))
     session.close()  # the connection goes back to the pool here, in this thread
     return read
