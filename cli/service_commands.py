@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Exception as err:
         return fail(f"cannot prepare the database: {err}", 1)
     embedded = settings.broker_url is None
+    if args.workers < 1:
+        return fail(f"--workers {args.workers}: give 1 or more API processes")
     with_worker = embedded if args.worker is None else args.worker
     worker_proc = spawn_worker("gpu,cpu", args.concurrency) if with_worker else None
     if embedded:
@@ -86,7 +88,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # uvicorn turns SIGTERM into a graceful exit; make sure the worker child follows.
     try:
-        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="info",
+            access_log=args.access_log,
+        )
     finally:
         if worker_proc is not None:
             stop_process_group(worker_proc)
@@ -393,6 +403,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--concurrency", type=int, default=1, help="Jobs the embedded worker runs at once.")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (uvicorn workers), each with its own LORITA_DB_POOL_SIZE connections; "
+        "more than 1 pays off with PostgreSQL and several cores (default: 1).",
+    )
+    p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="Do not log every request (uvicorn's access log).",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--worker", dest="worker", action="store_true", default=None, help="Start a worker child."
