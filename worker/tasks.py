@@ -153,6 +153,17 @@ class JobReporter:
         return self._cancel or self.stale
 
 
+def limit_torch_threads(threads: int | None) -> None:
+    """``LORITA_TORCH_THREADS``: cap torch's intra-op threads in this (pool) process, e.g. to
+    leave cores to an API on the same machine. None keeps torch's default (all cores)."""
+    if threads is None:
+        return
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _collect_artifacts(out_dir: Path, prefix: str, store: Any) -> list[tuple[str, int, str, str]]:
     """Every file of ``out_dir`` as (name, size, sha256, location), stored under ``prefix``."""
     artifacts = []
@@ -195,6 +206,8 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
     from core.config import ConfigError, parse_config
     from core.pipeline import run_job
     from core.progress import JobCanceled, JobError
+
+    limit_torch_threads(settings.torch_threads)
 
     store = get_artifact_store(settings)
     # each attempt writes its own folder, so a superseded run cannot touch recorded files
