@@ -165,6 +165,10 @@ def main() -> int:
         "--embedded", action="store_true", help="SQLite + the local broker instead of Postgres + Redis"
     )
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=1, help="lorita serve --workers (API processes)")
+    parser.add_argument(
+        "--no-access-log", action="store_true", help="lorita serve --no-access-log (no line per request)"
+    )
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/6")
     parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -189,12 +193,16 @@ def main() -> int:
                 LORITA_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}",
                 LORITA_BROKER_URL=args.redis,
                 LORITA_QUEUE="cpu",
+                LORITA_TORCH_THREADS="1",  # the job leaves the other core to the API under load
                 OMP_NUM_THREADS="1",
             )
         worker = None
         ready_s: float | None = None
         try:
-            with running_service(workdir, env) as url:
+            serve_args: tuple[str, ...] = ("--workers", str(args.workers))
+            if args.no_access_log:
+                serve_args += ("--no-access-log",)
+            with running_service(workdir, env, serve_args) as url:
                 key = create_key(env, workdir, "bench")
                 if not args.embedded:
                     worker_log = workdir / "w.log"
@@ -233,7 +241,10 @@ def main() -> int:
                     conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 
     mode = "embedded (SQLite + filesystem broker)" if args.embedded else "Postgres + Redis"
-    print(f"mode: {mode}; {args.clients} clients polling GET /v1/jobs/{{id}} for {args.seconds:.0f} s")
+    print(
+        f"mode: {mode}, {args.workers} API process(es); "
+        f"{args.clients} clients polling GET /v1/jobs/{{id}} for {args.seconds:.0f} s"
+    )
     print(f"job during the load: status {status['status']}, stage {status['stage']}, epoch {status['epoch']}")
     print(f"requests:      {stats['requests']}")
     print(f"requests/s:    {stats['rps']:.1f}")
