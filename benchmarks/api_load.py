@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import shutil
 import statistics
 import sys
@@ -40,7 +41,7 @@ from cli.demo import create_key, lorita, running_service, service_env, start, st
 JOB = {
     "model": {"arch": "fcn", "options": {"depth": 3, "width": 256}},
     "dataset": {"name": "synthetic", "num_classes": 10, "input_shape": [64], "n_train": 20000, "n_test": 500},
-    "train": {"factors": 3, "epochs": 12, "batch_size": 64},
+    "train": {"factors": 3, "epochs": 400, "batch_size": 64},
     "compress": {"policy": "global", "keep": 0.5},
     "measure": {"latency": False},
     "export": ["safetensors"],
@@ -80,9 +81,19 @@ async def _get(
 
 
 async def poll(
-    host: str, port: int, request: bytes, until: float, latencies: list[float], errors: list[str]
+    host: str,
+    port: int,
+    request: bytes,
+    until: float,
+    latencies: list[float],
+    errors: list[str],
+    interval: float = 0.0,
 ) -> None:
+    """Poll until ``until``: back to back (``interval`` 0, a closed loop measuring capacity) or
+    one request every ``interval`` seconds, as a status poller does (starts spread at random)."""
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    if interval > 0:
+        await asyncio.sleep(random.uniform(0, interval))
     while time.perf_counter() < until:
         t0 = time.perf_counter()
         try:
@@ -100,11 +111,15 @@ async def poll(
                 conn[1].close()
                 conn = None
         latencies.append(time.perf_counter() - t0)
+        if interval > 0:
+            await asyncio.sleep(max(0.0, t0 + interval - time.perf_counter()))
     if conn is not None:
         conn[1].close()
 
 
-async def load(url: str, key: str, job_id: str, clients: int, seconds: float) -> dict[str, Any]:
+async def load(
+    url: str, key: str, job_id: str, clients: int, seconds: float, interval: float = 0.0
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     parsed = httpx.URL(url)
@@ -115,7 +130,9 @@ async def load(url: str, key: str, job_id: str, clients: int, seconds: float) ->
     ).encode()
     start_t = time.perf_counter()
     until = start_t + seconds
-    await asyncio.gather(*(poll(host, port, request, until, latencies, errors) for _ in range(clients)))
+    await asyncio.gather(
+        *(poll(host, port, request, until, latencies, errors, interval) for _ in range(clients))
+    )
     elapsed = time.perf_counter() - start_t
     ordered = sorted(latencies)
     return {
@@ -170,6 +187,12 @@ def main() -> int:
         "--no-access-log", action="store_true", help="lorita serve --no-access-log (no line per request)"
     )
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="Seconds between one client's polls (0: back to back, which measures capacity).",
+    )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/6")
     parser.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--keep-logs", default=None, help="Copy the service and worker logs here.")
@@ -214,7 +237,7 @@ def main() -> int:
                     job_id = c.post("/v1/jobs", json=JOB).json()["id"]
                     post_s = time.perf_counter() - posted
                     dispatch = dispatch_time(c, job_id, posted)
-                    stats = run_async(load(url, key, job_id, args.clients, args.seconds))
+                    stats = run_async(load(url, key, job_id, args.clients, args.seconds, args.interval))
                     t0 = time.perf_counter()
                     try:
                         status = c.get(f"/v1/jobs/{job_id}").json()
@@ -243,7 +266,8 @@ def main() -> int:
     mode = "embedded (SQLite + filesystem broker)" if args.embedded else "Postgres + Redis"
     print(
         f"mode: {mode}, {args.workers} API process(es); "
-        f"{args.clients} clients polling GET /v1/jobs/{{id}} for {args.seconds:.0f} s"
+        f"{args.clients} clients polling GET /v1/jobs/{{id}} for {args.seconds:.0f} s, "
+        + (f"each every {args.interval:g} s" if args.interval > 0 else "back to back (capacity)")
     )
     print(f"job during the load: status {status['status']}, stage {status['stage']}, epoch {status['epoch']}")
     print(f"requests:      {stats['requests']}")
