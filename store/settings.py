@@ -42,6 +42,14 @@ class Settings(BaseSettings):
         description="How long the API trusts a checked API key without asking the database again; "
         "a revoked key stops working within this time. 0 checks every request.",
     )
+    data_dir: str | None = Field(
+        default=None,
+        description="Directory holding the torchvision datasets (mnist, fashion-mnist, cifar10, cifar100) "
+        "that jobs over HTTP may name; clients cannot give a path themselves.",
+    )
+    allow_download: bool = Field(
+        default=False, description="Let workers download a missing torchvision dataset into data_dir."
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

@@ -44,9 +44,26 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+TORCHVISION_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+
+
 def resolve_references(config: dict[str, Any], tenant_id: str, store: Any) -> dict[str, Any]:
-    """Replace uploaded model / dataset ids by the local paths of their files."""
+    """Replace uploaded model / dataset ids by the local paths of their files.
+
+    A built-in torchvision dataset is read from the operator's ``LORITA_DATA_DIR`` (clients
+    may not name server paths), downloaded there only where ``LORITA_ALLOW_DOWNLOAD`` says so.
+    """
     config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    dataset_cfg = config.get("dataset") or {}
+    if dataset_cfg.get("name") in TORCHVISION_DATASETS:
+        settings = get_settings()
+        if settings.data_dir is None:
+            raise UnresolvedReference(
+                f"dataset {dataset_cfg['name']!r} is not available on this server (no LORITA_DATA_DIR); "
+                "upload it as an .npz with POST /v1/datasets"
+            )
+        dataset_cfg["root"] = settings.data_dir
+        dataset_cfg["download"] = settings.allow_download
     with session_scope() as session:
         model = config.get("model") or {}
         weights = model.get("weights")

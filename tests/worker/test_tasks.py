@@ -16,7 +16,7 @@ from store.artifacts import sha256_file
 from store.db import dispose_engines, session_scope
 from store.models import Artifact, Job, JobEvent, Result, Tenant
 from store.settings import get_settings
-from worker.tasks import execute_job
+from worker.tasks import execute_job, resolve_references
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +126,24 @@ def test_unknown_model_id_fails_with_a_message(service_db: str) -> None:
     job_id = submit(config)
     assert execute_job(job_id) == "failed"
     assert get_job(job_id).error == f"model {'0' * 32!r} not found; upload it with POST /v1/models"
+
+
+def test_torchvision_dataset_without_a_data_dir_fails_with_a_message(service_db: str) -> None:
+    job_id = submit(tiny_config(dataset={"name": "mnist"}))
+    assert execute_job(job_id) == "failed"
+    error = get_job(job_id).error
+    assert error is not None and "LORITA_DATA_DIR" in error and "POST /v1/datasets" in error
+
+
+def test_torchvision_dataset_reads_the_operators_data_dir(
+    service_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORITA_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    resolved = resolve_references({"dataset": {"name": "cifar10"}}, "t", store=None)
+    assert resolved["dataset"] == {"name": "cifar10", "root": str(tmp_path / "data"), "download": False}
+    # the data directory is empty and downloads are off: the job fails saying what to provide
+    job_id = submit(tiny_config(dataset={"name": "cifar10"}))
+    assert execute_job(job_id) == "failed"
+    error = get_job(job_id).error
+    assert error is not None and "cifar10" in error and "root" in error
