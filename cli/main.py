@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 OPTIONAL_COMMANDS = ("cli.analysis_commands", "cli.service_commands")
 
 
