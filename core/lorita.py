@@ -31,10 +31,15 @@ from core.layers import set_submodule
 def _product(factors: Sequence[torch.Tensor], left: bool) -> torch.Tensor:
     """``S_{N-1} ... S_1 F`` when the squares sit on the left, ``F S_1 ... S_{N-1}`` otherwise."""
     full, squares = factors[0], factors[1:]
-    out = full
-    for sq in squares:
-        out = sq @ out if left else out @ sq
-    return out
+    if not squares:
+        return full
+    # Note: multiply the k x k squares together first (k^3 each) and touch the k x n full
+    # factor once (k^2 n), instead of N-1 times: the same product at a fraction of the cost
+    # when n >> k, as for a first layer on flattened images.
+    chain = squares[0]
+    for sq in squares[1:]:
+        chain = sq @ chain if left else chain @ sq
+    return chain @ full if left else full @ chain
 
 
 def _balanced_factors(matrix: torch.Tensor, n_factors: int, left: bool) -> list[torch.Tensor]:
