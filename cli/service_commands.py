@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.output import fail
+from cli.processes import stop_process_group
 
 QUEUE_CHOICES = ("gpu", "cpu")
 FINISHED = ("succeeded", "failed", "canceled")
@@ -47,20 +48,6 @@ def spawn_worker(
     """Start ``lorita worker`` as a child in its own process group."""
     cmd = [sys.executable, "-m", "cli.main", "worker", "--queue", queues, "--concurrency", str(concurrency)]
     return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """SIGTERM the child's process group (warm shutdown), then SIGKILL what is left."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -99,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     finally:
         if worker_proc is not None:
-            stop_process_group(worker_proc)
+            stop_process_group(worker_proc, timeout=20.0)
     return 0
 
 

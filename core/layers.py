@@ -35,6 +35,24 @@ def saves_parameters(rank: int, m: int, n: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def spatial_conv_like(
+    conv: nn.Conv2d, out_channels: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> nn.Conv2d:
+    """A bias-free conv with ``conv``'s input, kernel and every spatial setting, to ``out_channels``."""
+    return nn.Conv2d(
+        conv.in_channels,
+        out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        padding_mode=conv.padding_mode,
+        bias=False,
+        device=device,
+        dtype=dtype,
+    )
+
+
 def empty_thin_pair(layer: nn.Module, rank: int) -> nn.Sequential:
     """An uninitialized thin pair with the same interface as ``layer``."""
     if rank < 1:
@@ -47,18 +65,7 @@ def empty_thin_pair(layer: nn.Module, rank: int) -> nn.Sequential:
     elif isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError("grouped convolutions are not factorized")
-        first = nn.Conv2d(
-            layer.in_channels,
-            rank,
-            layer.kernel_size,  # type: ignore[arg-type]
-            stride=layer.stride,  # type: ignore[arg-type]
-            padding=layer.padding,  # type: ignore[arg-type]
-            dilation=layer.dilation,  # type: ignore[arg-type]
-            padding_mode=layer.padding_mode,
-            bias=False,
-            device=dev,
-            dtype=dtype,
-        )
+        first = spatial_conv_like(layer, rank, device=dev, dtype=dtype)
         second = nn.Conv2d(rank, layer.out_channels, 1, bias=has_bias, device=dev, dtype=dtype)
     else:
         raise TypeError(f"cannot make a thin pair for {type(layer).__name__}")

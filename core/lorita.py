@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.layers import set_submodule
+from core.layers import set_submodule, spatial_conv_like
 
 # ---------------------------------------------------------------------------------------
 # The parametrization
@@ -314,16 +314,7 @@ def _layer_space_linear(layer: nn.Linear, n_factors: int) -> nn.Sequential:
 
 
 def _layer_space_conv(layer: nn.Conv2d, n_factors: int) -> nn.Sequential:
-    first = nn.Conv2d(
-        layer.in_channels,
-        layer.out_channels,
-        layer.kernel_size,  # type: ignore[arg-type]
-        stride=layer.stride,  # type: ignore[arg-type]
-        padding=layer.padding,  # type: ignore[arg-type]
-        dilation=layer.dilation,  # type: ignore[arg-type]
-        padding_mode=layer.padding_mode,
-        bias=False,
-    )
+    first = spatial_conv_like(layer, layer.out_channels)
     mods: list[nn.Module] = [first]
     mods += [nn.Conv2d(layer.out_channels, layer.out_channels, 1, bias=False) for _ in range(n_factors - 2)]
     mods.append(nn.Conv2d(layer.out_channels, layer.out_channels, 1, bias=layer.bias is not None))
