@@ -118,11 +118,18 @@ def install_empty_thin_pairs(model: nn.Module, ranks: dict[str, int]) -> nn.Modu
 
 
 def named_matrix_layers(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """Linear and ungrouped Conv2d modules, in definition order (optionally only ``names``)."""
+    """Linear and ungrouped Conv2d modules that can become thin pairs, in definition order.
+
+    ``nn.MultiheadAttention`` reads its ``out_proj.weight`` directly instead of calling the
+    module, so its projections stay dense (they are still composed during LoRITa training).
+    """
     wanted = set(names) if names is not None else None
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     out: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
         if wanted is not None and name not in wanted:
+            continue
+        if any(name.startswith(f"{a}.") or not a for a in attention):
             continue
         if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
             out.append((name, mod))

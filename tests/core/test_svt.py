@@ -159,3 +159,14 @@ def test_budget_policy_finds_the_threshold_that_just_fits() -> None:
         lower = [float(v) for v in svt.pooled_normalized(spectra) if float(v) < threshold]
         if lower:
             assert svt.params_of(spectra, svt.ranks_threshold(spectra, max(lower))) > limit
+
+
+def test_multihead_attention_projections_stay_dense_and_the_rest_is_truncated() -> None:
+    """nn.MultiheadAttention reads out_proj.weight itself: replacing out_proj would break it."""
+    model, x = make("transformer_mha")
+    spectra = svt.compute_spectra(model)
+    assert set(spectra) == {"mlp.0", "mlp.2"}
+    small = svt.truncate(model, spectra, {k: 1 for k in spectra})
+    assert isinstance(small.attn.out_proj, nn.Linear)
+    assert isinstance(small.mlp[0], nn.Sequential)
+    assert small(x).shape == x.shape
