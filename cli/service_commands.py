@@ -276,13 +276,16 @@ def _progress_from_job(job: dict[str, Any]) -> Any:
     from core.progress import Progress
 
     metrics = job.get("metrics") or {}
+    stage = job.get("stage") or job.get("status") or "queued"
+    # The job row keeps the last epoch and loss; they only describe the training stages.
+    training = stage in ("train", "finetune")
     return Progress(
-        stage=job.get("stage") or job.get("status") or "queued",
+        stage=stage,
         fraction=float(job.get("progress") or 0.0),
-        epoch=job.get("epoch"),
-        epochs=job.get("epochs"),
-        loss=metrics.get("loss"),
-        val_accuracy=metrics.get("val_accuracy"),
+        epoch=job.get("epoch") if training else None,
+        epochs=job.get("epochs") if training else None,
+        loss=metrics.get("loss") if training else None,
+        val_accuracy=metrics.get("val_accuracy") if training else None,
     )
 
 
