@@ -12,7 +12,7 @@ from core.metrics import count_flops, count_params
 from tests.core.models import make
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "resnet_block", "torchvision_resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "resnet_block", "transformer_mha", "torchvision_resnet18"])
 def test_full_rank_thin_pairs_leave_outputs_unchanged(name: str) -> None:
     model, x = make(name)
     spectra = svt.compute_spectra(model)
