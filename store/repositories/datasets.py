@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.models import Dataset
+from store.repositories.paging import newest_first
 
 
 def add(session: Session, record: Dataset) -> Dataset:
@@ -27,13 +28,4 @@ def get(session: Session, dataset_id: str) -> Dataset | None:
 def list_for_tenant(
     session: Session, tenant_id: str, limit: int = 20, offset: int = 0
 ) -> tuple[list[Dataset], int]:
-    where = Dataset.tenant_id == tenant_id
-    count = session.scalar(select(func.count()).select_from(Dataset).where(where)) or 0
-    stmt = (
-        select(Dataset)
-        .where(where)
-        .order_by(Dataset.created_at.desc(), Dataset.id)
-        .limit(limit)
-        .offset(offset)
-    )
-    return list(session.scalars(stmt)), count
+    return newest_first(session, Dataset, Dataset.tenant_id == tenant_id, limit=limit, offset=offset)

@@ -10,11 +10,12 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.models import Artifact, Job, JobEvent, Result
+from store.repositories.paging import newest_first
 
 
 class CancelOutcome(enum.Enum):
@@ -77,9 +78,7 @@ def list_for_tenant(
     conditions = [Job.tenant_id == tenant_id]
     if status is not None:
         conditions.append(Job.status == status)
-    count = session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0
-    stmt = select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    return list(session.scalars(stmt)), count
+    return newest_first(session, Job, *conditions, limit=limit, offset=offset)
 
 
 def request_cancel(session: Session, job: Job) -> CancelOutcome:

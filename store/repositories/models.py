@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from store.models import ModelRecord
+from store.repositories.paging import newest_first
 
 
 def add(session: Session, record: ModelRecord) -> ModelRecord:
@@ -22,13 +23,4 @@ def get_for_tenant(session: Session, tenant_id: str, model_id: str) -> ModelReco
 def list_for_tenant(
     session: Session, tenant_id: str, limit: int = 20, offset: int = 0
 ) -> tuple[list[ModelRecord], int]:
-    where = ModelRecord.tenant_id == tenant_id
-    count = session.scalar(select(func.count()).select_from(ModelRecord).where(where)) or 0
-    stmt = (
-        select(ModelRecord)
-        .where(where)
-        .order_by(ModelRecord.created_at.desc(), ModelRecord.id)
-        .limit(limit)
-        .offset(offset)
-    )
-    return list(session.scalars(stmt)), count
+    return newest_first(session, ModelRecord, ModelRecord.tenant_id == tenant_id, limit=limit, offset=offset)
