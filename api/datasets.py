@@ -12,7 +12,7 @@ from api.archives import ArchiveError, archive_kind, extract_archive, inspect_im
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
-from api.uploads import clean_filename, save_upload
+from api.uploads import clean_filename, commit_record, save_upload
 from store.artifacts import ArtifactStore, dataset_key
 from store.models import Dataset, new_id
 from store.repositories import datasets as dataset_repo
@@ -154,12 +154,9 @@ def upload_dataset(
             record, key = _store_image_folder(upload, kind, scratch, tenant.id, dataset_id, store, settings)
         record.id, record.tenant_id, record.name = dataset_id, tenant.id, name or filename
         record.size_bytes, record.sha256, record.location = size, sha256, key
-        try:
-            dataset_repo.add(session, record)
-            session.commit()
-        except BaseException:
-            store.delete_prefix(dataset_key(tenant.id, dataset_id, "").rstrip("/"))
-            raise
+        commit_record(
+            session, lambda: dataset_repo.add(session, record), store, dataset_key(tenant.id, dataset_id, "")
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record

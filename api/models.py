@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.schemas import ModelRead, ModelsRead
-from api.uploads import clean_filename, save_upload
+from api.uploads import clean_filename, commit_record, save_upload
 from store.artifacts import model_key
 from store.models import ModelRecord, new_id
 from store.repositories import models as model_repo
@@ -112,12 +112,9 @@ def upload_model(
             sha256=sha256,
             location=key,
         )
-        try:
-            model_repo.add(session, record)
-            session.commit()
-        except BaseException:
-            store.delete_prefix(model_key(tenant.id, model_id, "").rstrip("/"))
-            raise
+        commit_record(
+            session, lambda: model_repo.add(session, record), store, model_key(tenant.id, model_id, "")
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return record

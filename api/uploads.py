@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from sqlalchemy.orm import Session
+
 from api.errors import AppError
+from store.artifacts import ArtifactStore
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -55,3 +59,16 @@ def clean_filename(filename: str | None, default: str) -> str:
     base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:200]
     return base or default
+
+
+def commit_record(
+    session: Session, insert: Callable[[], object], store: ArtifactStore, files_prefix: str
+) -> None:
+    """Run ``insert`` (a repository call) and commit; if that fails, delete the files already
+    stored under ``files_prefix`` so that a failed upload leaves neither a row nor an orphan file."""
+    try:
+        insert()
+        session.commit()
+    except BaseException:
+        store.delete_prefix(files_prefix.rstrip("/"))
+        raise
