@@ -24,15 +24,24 @@ from torch import nn
 from core import svt
 from core.data import make_synthetic
 from core.export import export_onnx, export_pt2
-from core.lorita import apply_layer_space, apply_lorita, collapse
+from core.lorita import apply_layer_space, apply_lorita, cheaper_in_layer_space, collapse, find_targets
 from core.train import FitSettings, make_optimizer
 from core.zoo import build_model
 
-VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "N=1": lambda m: m,
-    "N=3 weight space": lambda m: (apply_lorita(m, 3, init="scratch"), m)[1],
-    "N=3 layer space": lambda m: apply_layer_space(m, 3),
-}
+
+def _auto(model: nn.Module, batch_size: int) -> nn.Module:
+    chains = cheaper_in_layer_space(model, find_targets(model), (3, 32, 32), batch_size, 3)
+    apply_lorita(model, 3, init="scratch", layer_space=chains)
+    return model
+
+
+def variants(batch_size: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    return {
+        "N=1": lambda m: m,
+        "N=3 weight space": lambda m: (apply_lorita(m, 3, init="scratch"), m)[1],
+        "N=3 auto (ours, composition: auto)": lambda m: _auto(m, batch_size),
+        "N=3 layer space": lambda m: apply_layer_space(m, 3),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +74,7 @@ def throughput(arch: str, device: torch.device, args: argparse.Namespace) -> dic
     x, y = data.x_train.to(device), data.y_train.to(device)
     amp = device.type == "cuda"
     models = {}
-    for name, compose in VARIANTS.items():
+    for name, compose in variants(args.batch_size).items():
         torch.manual_seed(0)
         models[name] = compose(build_model(arch, 10, (3, 32, 32))).to(device)
     for model in models.values():  # warm-up: cuDNN autotuning, allocator

@@ -21,15 +21,24 @@ import torch
 from torch import nn
 
 from core.data import make_synthetic
-from core.lorita import apply_layer_space, apply_lorita
+from core.lorita import apply_layer_space, apply_lorita, cheaper_in_layer_space, find_targets
 from core.train import FitSettings, batches, make_optimizer
 from core.zoo import build_model
 
-VARIANTS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "N=1": lambda m: m,
-    "N=3 weight space (ours)": lambda m: (apply_lorita(m, 3, init="scratch"), m)[1],
-    "N=3 layer space (research code)": lambda m: apply_layer_space(m, 3),
-}
+
+def _auto(model: nn.Module, batch_size: int) -> nn.Module:
+    chains = cheaper_in_layer_space(model, find_targets(model), (3, 32, 32), batch_size, 3)
+    apply_lorita(model, 3, init="scratch", layer_space=chains)
+    return model
+
+
+def variants(batch_size: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    return {
+        "N=1": lambda m: m,
+        "N=3 weight space (ours)": lambda m: (apply_lorita(m, 3, init="scratch"), m)[1],
+        "N=3 auto (ours, composition: auto)": lambda m: _auto(m, batch_size),
+        "N=3 layer space (research code)": lambda m: apply_layer_space(m, 3),
+    }
 
 
 def epoch_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
@@ -52,7 +61,7 @@ def bench(arch: str, options: dict[str, object], args: argparse.Namespace) -> di
     splits = make_synthetic(10, (3, 32, 32), args.n_train, 10)
     x, y = splits.x_train, splits.y_train
     models = {}
-    for name, compose in VARIANTS.items():
+    for name, compose in variants(args.batch_size).items():
         torch.manual_seed(0)
         models[name] = compose(build_model(arch, 10, (3, 32, 32), options))
     for model in models.values():  # warm-up: allocator, kernels

@@ -93,6 +93,12 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=128, ge=1, le=65_536)
     seed: int = 0
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU.")
+    composition: Literal["weight", "auto"] = Field(
+        default="weight",
+        description="'weight': every product formed once per step (torch parametrize). 'auto': a layer "
+        "whose batch x output positions x (N-1) is below its input width is composed as a chain of "
+        "layers instead (same function and gradients, cheaper there).",
+    )
     include: list[str] = Field(
         default_factory=list, description="fnmatch patterns of module names to compose."
     )

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.layers import set_submodule, spatial_conv_like
+from core.layers import bias_of, set_submodule, spatial_conv_like, weight_of
 
 # ---------------------------------------------------------------------------------------
 # The parametrization
@@ -219,14 +219,24 @@ def _scratch_init(
     with torch.no_grad():
         for b in range(len(originals) // n):
             group = originals[b * n : (b + 1) * n]
-            full = _product([p.detach() for p in group], block.left).double()  # == W0 block
-            for sq in reversed(group[1:]):
-                size = sq.shape[0]
-                q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
-                q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
-                full = q.T @ full if block.left else full @ q.T
-                sq.copy_(q.to(sq.dtype))
-            group[0].copy_(full.to(group[0].dtype))
+            w0 = _product([p.detach() for p in group], block.left)
+            for dest, value in zip(group, _orthogonal_factors(w0, n, block.left, generator), strict=True):
+                dest.copy_(value)
+
+
+def _orthogonal_factors(
+    matrix: torch.Tensor, n_factors: int, left: bool, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``[F, Q_1, ..., Q_{N-1}]`` with Haar-random orthogonal ``Q_i`` whose product is ``matrix``."""
+    full = matrix.double()
+    size = matrix.shape[0] if left else matrix.shape[1]
+    squares = []
+    for _ in range(n_factors - 1):
+        q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+        squares.append(q * torch.sign(torch.diagonal(r)))
+    for q in reversed(squares):
+        full = q.T @ full if left else full @ q.T
+    return [t.to(matrix.dtype) for t in (full, *squares)]
 
 
 def apply_lorita(
@@ -236,6 +246,7 @@ def apply_lorita(
     exclude: Sequence[str] = (),
     init: str = "weights",
     seed: int = 0,
+    layer_space: Collection[str] = (),
 ) -> list[WeightTarget]:
     """Compose every eligible weight of ``model`` as a product of ``n_factors`` factors.
 
@@ -243,6 +254,10 @@ def apply_lorita(
     weights (the function the model computes is unchanged). ``init="scratch"``: the product
     still equals the current (freshly initialized) weights, but the square factors are
     random orthogonal matrices instead of balanced ones. Returns the composed targets.
+
+    Modules named in ``layer_space`` (see :func:`cheaper_in_layer_space`) are composed as a
+    chain of layers instead: the same function and the same gradients, at a lower cost
+    where the batch is small next to the weight. :func:`collapse` folds both kinds back.
     """
     if n_factors < 2:
         return []
@@ -255,6 +270,9 @@ def apply_lorita(
         weight = getattr(mod, t.param)
         if not torch.isfinite(weight).all():
             raise ValueError(f"{t.name} holds non-finite values; cannot factorize it")
+        if t.module in layer_space and _chainable(t):
+            _compose_as_chain(model, t, n_factors, init, generator)
+            continue
         param = _factor_parametrization(t, n_factors)
         if not hasattr(mod, _ORDER_ATTR):  # collapse restores this order of the state_dict keys
             setattr(mod, _ORDER_ATTR, list(mod._parameters))
@@ -265,7 +283,7 @@ def apply_lorita(
 
 
 def is_composed(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in model.modules())
+    return any(parametrize.is_parametrized(m) or isinstance(m, LayerChain) for m in model.modules())
 
 
 def collapse(model: nn.Module) -> nn.Module:
@@ -273,6 +291,9 @@ def collapse(model: nn.Module) -> nn.Module:
 
     Afterwards the model has its original module classes and ``state_dict`` keys.
     """
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LayerChain):
+            set_submodule(model, name, mod.fold(name))
     for name, mod in list(model.named_modules()):
         if not parametrize.is_parametrized(mod):
             continue
@@ -294,6 +315,8 @@ def factor_parameters(model: nn.Module) -> int:
     """Number of trainable numbers in the factors (for the training-cost estimate)."""
     total = 0
     for mod in model.modules():
+        if isinstance(mod, LayerChain):
+            total += sum(p.numel() for p in mod.parameters() if p.dim() > 1)
         if parametrize.is_parametrized(mod):
             for plist in mod.parametrizations.values():  # type: ignore[operator]
                 total += sum(p.numel() for p in plist.parameters())
@@ -301,8 +324,100 @@ def factor_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Layer-space composition: the research code's way, kept for benchmarks and equivalence tests
+# Layer-space composition: per layer where it is cheaper, and the research code's way
 # ---------------------------------------------------------------------------------------
+
+
+class LayerChain(nn.Sequential):
+    """A Linear/Conv2d composed in layer space: the full factor as the layer (no bias), then N-1
+    square Linear / 1x1 Conv2d layers, the last with the bias. ``fold`` multiplies it back."""
+
+    def fold(self, name: str = "") -> nn.Module:
+        first, squares = self[0], list(self)[1:]
+        w_first = weight_of(first)
+        m = w_first.shape[0]
+        with torch.no_grad():
+            product = _product(
+                [w_first.reshape(m, -1)] + [weight_of(s).reshape(m, m) for s in squares], left=True
+            )
+            if not torch.isfinite(product).all():
+                raise ValueError(f"the product for {name}.weight is not finite; training diverged")
+            bias = bias_of(squares[-1])
+            if isinstance(first, nn.Linear):
+                layer: nn.Module = nn.Linear(
+                    first.in_features, m, bias=bias is not None, device=w_first.device, dtype=w_first.dtype
+                )
+            else:
+                assert isinstance(first, nn.Conv2d)
+                layer = spatial_conv_like(first, m, device=w_first.device, dtype=w_first.dtype)
+                if bias is not None:
+                    layer.bias = nn.Parameter(torch.empty(m, device=w_first.device, dtype=w_first.dtype))
+            weight_of(layer).copy_(product.reshape(weight_of(layer).shape))
+            layer_bias = bias_of(layer)
+            if bias is not None and layer_bias is not None:
+                layer_bias.copy_(bias)
+        return layer
+
+
+def _chainable(t: WeightTarget) -> bool:
+    """Plain Linear/Conv2d whose squares sit on the output side (m <= n), as a chain needs."""
+    m, n = t.matrix_shape
+    return t.kind in ("linear", "conv") and t.param == "weight" and m <= n
+
+
+def _compose_as_chain(
+    model: nn.Module, t: WeightTarget, n_factors: int, init: str, generator: torch.Generator
+) -> None:
+    layer = model.get_submodule(t.module)
+    assert isinstance(layer, nn.Linear | nn.Conv2d)
+    chain = LayerChain(
+        *(
+            _layer_space_linear(layer, n_factors)
+            if isinstance(layer, nn.Linear)
+            else _layer_space_conv(layer, n_factors)
+        )
+    )
+    weight = weight_of(layer)
+    matrix = weight.detach().reshape(t.shape[0], -1)
+    if init == "scratch":
+        factors = _orthogonal_factors(matrix, n_factors, left=True, generator=generator)
+    else:
+        factors = _balanced_factors_left(matrix, n_factors)
+    chain.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        for mod, f in zip(chain, factors, strict=True):
+            target = weight_of(mod)
+            target.copy_(f.reshape(target.shape))
+        bias, last_bias = bias_of(layer), bias_of(chain[-1])
+        if bias is not None and last_bias is not None:
+            last_bias.copy_(bias)
+    set_submodule(model, t.module, chain)
+
+
+def cheaper_in_layer_space(
+    model: nn.Module,
+    targets: Sequence[WeightTarget],
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    n_factors: int,
+) -> list[str]:
+    """Modules whose composition costs less as a chain of layers than as a weight product.
+
+    Note: per step, weight space forms the ``m x n`` product from ``m x m`` squares once
+    forward and twice backward (~3 m^2 n multiply-adds, squares multiplied first), whatever
+    the batch; layer space runs N-1 extra ``m x m`` layers on each of the B*P output
+    positions (~3 B P m^2 (N-1)). Layer space wins when ``B P (N-1) < n``: a wide first layer
+    of an MLP, or deep convs on small feature maps.
+    """
+    from core.svt import output_positions  # svt does not import lorita; keep the graph one way
+
+    candidates = [t for t in targets if t.eligible and _chainable(t)]
+    positions = output_positions(model, [t.module for t in candidates], input_shape)
+    return [
+        t.module
+        for t in candidates
+        if batch_size * positions.get(t.module, 1) * (n_factors - 1) < t.matrix_shape[1]
+    ]
 
 
 def _layer_space_linear(layer: nn.Linear, n_factors: int) -> nn.Sequential:
@@ -324,33 +439,18 @@ def _layer_space_conv(layer: nn.Conv2d, n_factors: int) -> nn.Sequential:
 def apply_layer_space(
     model: nn.Module, n_factors: int, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> nn.Module:
-    """Compose by inserting N-1 extra linear layers after each eligible layer (slow on purpose).
+    """Compose every eligible Linear/Conv2d as a chain of layers, as the research code does.
 
-    Each new chain is an exact factorization of the layer's current weight, so the model
-    computes the same function; only the cost differs. Attention weights are left alone.
+    Squares always sit on the output side (``m x m``), whatever the shape. Each chain is an
+    exact factorization of the layer's current weight, so the model computes the same
+    function; only the cost differs. Attention weights are left alone. ``collapse`` folds it.
     """
     if n_factors < 2:
         return model
+    generator = torch.Generator().manual_seed(0)
     for t in find_targets(model, include, exclude):
-        if not t.eligible or t.kind not in ("linear", "conv"):
-            continue
-        layer = model.get_submodule(t.module)
-        assert isinstance(layer, nn.Linear | nn.Conv2d)
-        if isinstance(layer, nn.Linear):
-            chain = _layer_space_linear(layer, n_factors)
-        else:
-            chain = _layer_space_conv(layer, n_factors)
-        weight: torch.Tensor = layer.weight
-        # Squares on the left (out x out) for every chain, as the research code does.
-        factors = _balanced_factors_left(weight.detach().reshape(t.shape[0], -1), n_factors)
-        with torch.no_grad():
-            for mod, f in zip(chain, factors, strict=True):
-                target: torch.Tensor = mod.weight  # type: ignore[assignment]
-                target.copy_(f.reshape(target.shape))
-            if layer.bias is not None:
-                chain[-1].bias.copy_(layer.bias)  # type: ignore[operator]
-        chain.to(weight.device)
-        set_submodule(model, t.module, chain)
+        if t.eligible and t.kind in ("linear", "conv"):
+            _compose_as_chain(model, t, n_factors, "weights", generator)
     return model
 
 

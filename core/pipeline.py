@@ -192,7 +192,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run the whole job of ``config``; write the artifacts into ``out_dir``; return the report."""
     from core.data import DataError, load_data
-    from core.lorita import apply_lorita, collapse, find_targets
+    from core.lorita import apply_lorita, cheaper_in_layer_space, collapse, find_targets
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +213,12 @@ def run_job(
     if config.train is not None:
         tcfg = config.train
         with job.stage("train", f"LoRITa training with N={tcfg.factors}"):
+            targets = find_targets(model, tcfg.include, tcfg.exclude)
+            layer_space = (
+                cheaper_in_layer_space(model, targets, data.input_shape, tcfg.batch_size, tcfg.factors)
+                if tcfg.composition == "auto" and tcfg.factors >= 2
+                else []
+            )
             composed = apply_lorita(
                 model,
                 tcfg.factors,
@@ -220,6 +226,7 @@ def run_job(
                 tcfg.exclude,
                 init="weights" if config.model.weights else "scratch",
                 seed=tcfg.seed,
+                layer_space=layer_space,
             )
             tag = fingerprint(
                 config.model.model_dump(),
@@ -241,7 +248,8 @@ def run_job(
             )
             training.update(
                 composed=[t.name for t in composed],
-                skipped={t.name: t.reason for t in find_targets(model) if not t.eligible},
+                layer_space=layer_space,
+                skipped={t.name: t.reason for t in targets if not t.eligible},
                 history=result.history,
                 resumed_from_epoch=result.resumed_from_epoch,
             )

@@ -65,7 +65,7 @@ class Spectrum:
         return rank < self.full_rank and saves_parameters(rank, self.m, self.n)
 
 
-def _output_positions(model: nn.Module, names: Iterable[str], input_shape: tuple[int, ...]) -> dict[str, int]:
+def output_positions(model: nn.Module, names: Iterable[str], input_shape: tuple[int, ...]) -> dict[str, int]:
     """Per-sample output positions of each layer (what its weight is applied to), via one forward."""
     wanted = set(names)
     seen: dict[str, int] = {}
@@ -107,7 +107,7 @@ def compute_spectra(
     serves per sample, which makes FLOP estimates exact without re-running the model.
     """
     layers = named_matrix_layers(model, names)
-    positions = _output_positions(model, [n for n, _ in layers], input_shape) if input_shape else {}
+    positions = output_positions(model, [n for n, _ in layers], input_shape) if input_shape else {}
     spectra: dict[str, Spectrum] = {}
     for name, layer in layers:
         m, n = matrix_shape(layer)

@@ -10,8 +10,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from core.lorita import (
+    LayerChain,
     apply_layer_space,
     apply_lorita,
+    cheaper_in_layer_space,
     collapse,
     factor_parameters,
     find_targets,
@@ -151,3 +153,56 @@ def test_collapse_refuses_non_finite_products() -> None:
         next(iter(layer.parametrizations.weight.parameters())).fill_(float("nan"))
     with pytest.raises(ValueError, match="not finite"):
         collapse(layer)
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 16 * 16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 10)
+    )
+
+
+def test_the_cost_model_puts_wide_layers_on_small_batches_in_layer_space() -> None:
+    model = _wide_mlp()
+    targets = find_targets(model)
+    # B*P*(N-1) = 128*1*2 = 256 < 768 (the first layer's n) but not < 24 (the others)
+    assert cheaper_in_layer_space(model, targets, (3, 16, 16), batch_size=128, n_factors=3) == ["1"]
+    assert cheaper_in_layer_space(model, targets, (3, 16, 16), batch_size=512, n_factors=3) == []
+    cnn, _ = make("cnn_bn")
+    # batch 2, N=3: conv1 (8 x 27 on 8x8 maps) 2*64*2 = 256 >= 27: weight space;
+    # conv2 (16 x 72 on 4x4) 2*16*2 = 64 < 72 and head (4 x 16) 2*1*2 = 4 < 16: layer space
+    chosen = cheaper_in_layer_space(cnn, find_targets(cnn), (3, 8, 8), batch_size=2, n_factors=3)
+    assert chosen == ["conv2", "head"]
+
+
+@pytest.mark.parametrize("init", ["weights", "scratch"])
+def test_layer_space_chains_compute_the_same_function_and_fold_back(init: str) -> None:
+    for name in ("mlp", "cnn_bn"):
+        model, x = make(name)
+        keys, types = list(model.state_dict()), [type(m) for m in model.modules()]
+        reference = model(x)
+        chained = [t.module for t in find_targets(model) if t.eligible][:2]
+        apply_lorita(model, 3, init=init, layer_space=chained)
+        assert all(isinstance(model.get_submodule(c), LayerChain) for c in chained)
+        assert is_composed(model)
+        torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+        collapse(model)
+        assert list(model.state_dict()) == keys and [type(m) for m in model.modules()] == types
+        torch.testing.assert_close(model(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_space_and_weight_space_train_identically() -> None:
+    """Same function, same gradients: one SGD step in either space gives the same weights."""
+    model, x = make("cnn_bn")
+    model.train()
+    results = []
+    for layer_space in ((), ("conv1", "conv2", "head")):
+        m = copy.deepcopy(model)
+        apply_lorita(m, 3, init="weights", layer_space=layer_space)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(x).square().mean().backward()
+        opt.step()
+        collapse(m)
+        results.append(m.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=1e-4)

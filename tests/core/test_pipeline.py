@@ -139,3 +139,20 @@ def test_weights_that_do_not_fit_list_the_keys(tmp_path: Path, capsys: pytest.Ca
     )
     err = _run_failing(capsys, cfg, tmp_path)
     assert "do not fit" in err and "1.weight" in err
+
+
+def test_auto_composition_puts_the_wide_first_layer_in_layer_space(tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    cfg = _config(
+        tmp_path,
+        # batch 50 x (N-1) 1 = 50: below the first layer's 64 inputs, not the hidden layers' 48
+        train={"factors": 2, "epochs": 2, "batch_size": 50, "composition": "auto"},
+        export=["safetensors"],
+        measure={"latency": False},
+    )
+    assert main(["compress", str(cfg), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["layer_space"] == ["1"]
+    assert report["accuracy"]["test"]["before"] > 0.5  # it learned through the chain
+    dense = load_model(out / "dense")  # the collapsed model has the plain architecture again
+    assert isinstance(dense.get_submodule("1"), torch.nn.Linear)
