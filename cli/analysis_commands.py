@@ -121,6 +121,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         for r in rows:
             shape = "x".join(str(d) for d in r["matrix"])
             why = f"  {r['reason']}" if r["reason"] else ""
+            if key == "composed" and r.get("space") == "layer":
+                why = "  as a chain of layers (composition: auto)"
             lines.append(f"  {r['name'].ljust(width)}  {r['kind']:<13} {shape:>11}{why}")
         if not rows:
             lines.append("  (none)")

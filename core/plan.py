@@ -25,6 +25,7 @@ class LayerPlan:
     matrix: list[int]  # (m, n) it is seen as
     composed: bool
     reason: str = ""  # why it is skipped, when it is
+    space: str = "weight"  # where a composed weight's product is formed: "weight" or "layer" (a chain)
 
 
 @dataclass
@@ -167,6 +168,14 @@ def plan_job(config: JobConfig) -> Plan:
     )
     plan.num_classes = config.model.num_classes or data.num_classes
     plan.arch = config.model.arch
+    if tcfg is not None and tcfg.composition == "auto" and tcfg.factors >= 2:
+        from core.lorita import cheaper_in_layer_space, find_targets
+
+        targets = find_targets(model, tcfg.include, tcfg.exclude)
+        chains = set(cheaper_in_layer_space(model, targets, data.input_shape, tcfg.batch_size, tcfg.factors))
+        for lp, t in zip(plan.layers, targets, strict=True):
+            if lp.composed and t.module in chains:
+                lp.space = "layer"
     if tcfg is None:  # compress-only job: nothing is composed or trained
         plan.factors = 0
         for lp in plan.layers:

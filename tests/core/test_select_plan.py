@@ -195,3 +195,19 @@ def test_plan_cli_on_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["plan", str(path)]) == 0
     text = capsys.readouterr().out
     assert "composed (2)" in text and "skipped (1)" in text and "excluded" in text
+
+
+def test_plan_shows_which_layers_auto_composition_chains() -> None:
+    from core.plan import plan_job
+
+    config = parse_config(
+        {
+            "model": {"arch": "fcn", "options": {"depth": 3, "width": 96}},
+            "dataset": {"name": "digits"},
+            # batch 40 x (N-1) 2 = 80: below n = 96 for the 96x96 and 10x96 layers; the first
+            # layer (96x64) has its squares on the input side and stays in weight space
+            "train": {"factors": 3, "batch_size": 40, "composition": "auto"},
+        }
+    )
+    spaces = {lp.name: lp.space for lp in plan_job(config).composed}
+    assert spaces == {"1.weight": "weight", "4.weight": "layer", "7.weight": "layer"}
