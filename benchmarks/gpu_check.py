@@ -15,33 +15,18 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from train_overhead import variants  # the same variants as the CPU benchmark (benchmarks/ is on sys.path)
 
 from core import svt
 from core.data import make_synthetic
 from core.export import export_onnx, export_pt2
-from core.lorita import apply_layer_space, apply_lorita, cheaper_in_layer_space, collapse, find_targets
+from core.lorita import apply_lorita, collapse
 from core.train import FitSettings, make_optimizer
 from core.zoo import build_model
-
-
-def _auto(model: nn.Module, batch_size: int) -> nn.Module:
-    chains = cheaper_in_layer_space(model, find_targets(model), (3, 32, 32), batch_size, 3)
-    apply_lorita(model, 3, init="scratch", layer_space=chains)
-    return model
-
-
-def variants(batch_size: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    return {
-        "N=1": lambda m: m,
-        "N=3 weight space": lambda m: (apply_lorita(m, 3, init="scratch"), m)[1],
-        "N=3 auto (ours, composition: auto)": lambda m: _auto(m, batch_size),
-        "N=3 layer space": lambda m: apply_layer_space(m, 3),
-    }
 
 
 def sync(device: torch.device) -> None:
