@@ -287,7 +287,6 @@ def _compress_and_report(
 
     model.to(device).eval()
     with job.stage("compress", "SVD of each layer and rank selection"):
-        dense_val = accuracy(model, data.val)
         dense_params = count_params(model)
         dense_flops = count_flops(model, data.input_shape)
         spectra = svt.compute_spectra(model, data.input_shape)
@@ -298,7 +297,10 @@ def _compress_and_report(
 
         ranks, pareto = choose_ranks(config, spectra, dense_params, dense_flops, evaluate)
         compressed = svt.truncate(model, spectra, ranks)
-        compressed_val = accuracy(compressed, data.val)
+        # Both were measured by the search (the dense reference is always its first point);
+        # a validation pass is deterministic in eval mode, so it is not repeated here.
+        dense_val = next(p["val_accuracy"] for p in pareto if p.get("stage") == "reference")
+        compressed_val = next(p["val_accuracy"] for p in pareto if p["chosen"])
 
     finetune_info: dict[str, Any] | None = None
     if finetune and config.finetune.epochs > 0:

@@ -69,6 +69,10 @@ def test_reported_test_accuracy_is_what_the_exported_onnx_scores(finished_job: P
     )
     model = load_model(finished_job)
     assert accuracy(model, data.test) == pytest.approx(report["accuracy"]["test"]["after"], abs=1e-9)
+    # the validation figures (taken from the search's evaluations) are the models' own
+    assert accuracy(model, data.val) == pytest.approx(report["accuracy"]["val"]["after"], abs=1e-9)
+    dense = load_model(finished_job / "dense")
+    assert accuracy(dense, data.val) == pytest.approx(report["accuracy"]["val"]["before"], abs=1e-9)
     program = torch.export.load(str(finished_job / "model.pt2"))
     torch.testing.assert_close(program.module()(data.test.tensors[0][:8]), model(data.test.tensors[0][:8]))
 
