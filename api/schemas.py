@@ -65,10 +65,9 @@ class ResultSummary(_Read):
     val_accuracy_after: float | None
     test_accuracy_before: float | None
     test_accuracy_after: float | None
-    latency_ms_b1_before: float | None
-    latency_ms_b1_after: float | None
-    latency_ms_b64_before: float | None
-    latency_ms_b64_after: float | None
+    latency_ms: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description='{"<batch size>": {"before": ms, "after": ms}} as measured.'
+    )
     params_ratio: float | None = Field(default=None, description="params_after / params_before.")
     flops_ratio: float | None = Field(default=None, description="flops_after / flops_before.")
 

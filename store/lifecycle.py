@@ -228,10 +228,10 @@ def _result_row(job_id: str, report: Mapping[str, Any], now: datetime) -> Result
         val_accuracy_after=num("accuracy", "val", "after"),
         test_accuracy_before=num("accuracy", "test", "before"),
         test_accuracy_after=num("accuracy", "test", "after"),
-        latency_ms_b1_before=num("latency_ms", 1, "before"),
-        latency_ms_b1_after=num("latency_ms", 1, "after"),
-        latency_ms_b64_before=num("latency_ms", 64, "before"),
-        latency_ms_b64_after=num("latency_ms", 64, "after"),
+        latency_ms={
+            str(b): {"before": num("latency_ms", b, "before"), "after": num("latency_ms", b, "after")}
+            for b in (_get(report, "latency_ms") or {})
+        },
         ranks=ranks if isinstance(ranks, dict) else {"layers": ranks} if ranks is not None else {},
         report=dict(report),
         created_at=now,

@@ -110,6 +110,8 @@ class ModelRecord(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     arch: Mapped[str] = mapped_column(String(200))
+    # "weights": an architecture of the zoo plus a weights file; "program": a torch.export program
+    kind: Mapped[str] = mapped_column(String(16), default="weights", server_default="weights")
     num_classes: Mapped[int] = mapped_column(Integer)
     input_shape: Mapped[list[Any]] = mapped_column()
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -169,6 +171,10 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     error: Mapped[str | None] = mapped_column(Text, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    # the job a derived job (another operating point, no training) starts from
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True, default=None
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -212,10 +218,8 @@ class Result(Base):
     val_accuracy_after: Mapped[float | None] = mapped_column(Float, default=None)
     test_accuracy_before: Mapped[float | None] = mapped_column(Float, default=None)
     test_accuracy_after: Mapped[float | None] = mapped_column(Float, default=None)
-    latency_ms_b1_before: Mapped[float | None] = mapped_column(Float, default=None)
-    latency_ms_b1_after: Mapped[float | None] = mapped_column(Float, default=None)
-    latency_ms_b64_before: Mapped[float | None] = mapped_column(Float, default=None)
-    latency_ms_b64_after: Mapped[float | None] = mapped_column(Float, default=None)
+    # {"<batch size>": {"before": ms, "after": ms}} for every batch size the job measured
+    latency_ms: Mapped[dict[str, Any]] = mapped_column(default=dict)
     ranks: Mapped[dict[str, Any]] = mapped_column(default=dict)
     report: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

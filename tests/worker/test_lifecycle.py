@@ -124,7 +124,7 @@ def test_complete_writes_result_and_artifacts_with_status_once(db_url: str, tena
         result = s.get(Result, job_id)
         assert result is not None
         assert (result.params_before, result.params_after, result.flops_after) == (1000, 400, 800)
-        assert (result.test_accuracy_after, result.latency_ms_b64_after) == (0.9, 1.0)
+        assert (result.test_accuracy_after, result.latency_ms["64"]["after"]) == (0.9, 1.0)
         assert result.ranks["fc1"]["kept"] == 8
         stmt = select(Artifact.name).where(Artifact.job_id == job_id).order_by(Artifact.name)
         names = s.scalars(stmt).all()
