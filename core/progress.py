@@ -1,12 +1,47 @@
-"""Progress reporting and cancellation shared by the CLI, the worker and the library."""
+"""Progress reporting and cancellation shared by the CLI, the worker and the library.
+
+Stdlib only: the API and the store import :class:`Stage` without importing torch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
-STAGES = ("prepare", "train", "collapse", "compress", "finetune", "measure", "export", "done")
+
+class Stage(StrEnum):
+    """The stages of a job, in order; a job's ``stage`` column holds one of these values."""
+
+    PREPARE = "prepare"
+    TRAIN = "train"
+    COLLAPSE = "collapse"
+    COMPRESS = "compress"
+    FINETUNE = "finetune"
+    MEASURE = "measure"
+    EXPORT = "export"
+    DONE = "done"
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """Where this stage sits in the whole job's progress (start, end), both in 0..1."""
+        return _WINDOWS[self]
+
+
+# Training dominates a job's time; the other stages get thin slices.
+_WINDOWS: dict[Stage, tuple[float, float]] = {
+    Stage.PREPARE: (0.0, 0.02),
+    Stage.TRAIN: (0.02, 0.80),
+    Stage.COLLAPSE: (0.80, 0.81),
+    Stage.COMPRESS: (0.81, 0.86),
+    Stage.FINETUNE: (0.86, 0.93),
+    Stage.MEASURE: (0.93, 0.96),
+    Stage.EXPORT: (0.96, 1.0),
+    Stage.DONE: (1.0, 1.0),
+}
+
+STAGES: tuple[str, ...] = tuple(s.value for s in Stage)
 
 
 @dataclass
