@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
@@ -27,11 +27,11 @@ from store.models import Job, Result
 from store.repositories import datasets as dataset_repo
 from store.repositories import jobs as job_repo
 from store.repositories import models as model_repo
+from store.status import JobStatus
 
 log = logging.getLogger("lorita.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 _UPLOAD_MODEL_HINT = "upload weights with POST /v1/models and put the returned id in model.weights"
 _UPLOAD_DATA_HINT = 'upload data with POST /v1/datasets and reference it as {"id": "<dataset id>"}'
 
@@ -95,7 +95,7 @@ _JOB_COLUMNS = tuple(name for name in JobRead.model_fields if name != "result")
 def job_read(job: Job) -> JobRead:
     # the columns only: touching ``job.result`` would lazy-load it, a second query on every poll
     read = JobRead.model_validate({name: getattr(job, name) for name in _JOB_COLUMNS})
-    if job.status == "succeeded" and job.result is not None:
+    if job.status == JobStatus.SUCCEEDED and job.result is not None:
         read.result = result_summary(job.result)
     return read
 

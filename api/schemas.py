@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from store.status import JobStatus
+
 
 class _Read(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -75,7 +77,7 @@ class ResultSummary(_Read):
 class JobRead(_Read):
     id: str
     name: str | None
-    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    status: JobStatus
     stage: str | None
     progress: float = Field(description="Whole-job progress, 0..1.")
     epoch: int | None

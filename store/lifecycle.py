@@ -16,22 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.models import Artifact, Job, JobEvent, Result, utcnow
+from store.status import JobStatus
 
-RUNNING = "running"
-QUEUED = "queued"
-
-
-class ArtifactFile(NamedTuple):
-    name: str
-    size_bytes: int
-    sha256: str
-    location: str
+RUNNING = JobStatus.RUNNING
+QUEUED = JobStatus.QUEUED
+LEASE_LOST = "worker lost (lease expired)"
 
 
 def _rowcount(result: Any) -> int:
@@ -43,7 +38,27 @@ def _lease_until(now: datetime, lease_seconds: float) -> datetime:
 
 
 def gave_up_message(attempts: int, last_error: str | None) -> str:
-    return f"gave up after {attempts} attempts: {last_error or 'worker lost'}"
+    return f"gave up after {attempts} attempts: {last_error or LEASE_LOST}"
+
+
+def _final_values(
+    cancel: bool, attempt: int, max_attempts: int, last_error: str | None, now: datetime
+) -> dict[str, Any] | None:
+    """The end of a job that may not run again, or None where it may run once more.
+
+    Shared by :func:`claim` and :func:`requeue_expired`: a requested cancel wins, then a job
+    whose attempts are used up fails with the reason of its last run.
+    """
+    if cancel:
+        return {"status": JobStatus.CANCELED, "finished_at": now, "lease_expires_at": None}
+    if attempt >= max_attempts:
+        return {
+            "status": JobStatus.FAILED,
+            "error": gave_up_message(attempt, last_error),
+            "finished_at": now,
+            "lease_expires_at": None,
+        }
+    return None
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> int | None:
@@ -74,22 +89,9 @@ def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -
             and_(Job.status == RUNNING, or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)),
         ),
     )
-    if cancel:
-        session.execute(
-            update(Job).where(guard).values(status="canceled", finished_at=now, lease_expires_at=None)
-        )
-        return None
-    if attempt >= max_attempts:
-        session.execute(
-            update(Job)
-            .where(guard)
-            .values(
-                status="failed",
-                error=gave_up_message(attempt, last_error),
-                finished_at=now,
-                lease_expires_at=None,
-            )
-        )
+    final = _final_values(cancel, attempt, max_attempts, last_error, now)
+    if final is not None:
+        session.execute(update(Job).where(guard).values(**final))
         return None
     result = session.execute(
         update(Job)
@@ -256,7 +258,7 @@ def complete(
         update(Job)
         .where(_ours(job_id, attempt))
         .values(
-            status="succeeded",
+            status=JobStatus.SUCCEEDED,
             stage="done",
             progress=1.0,
             eta_seconds=0.0,
@@ -267,7 +269,7 @@ def complete(
     )
     if _rowcount(result) != 1:
         row = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
-        return row is not None and row.status == "succeeded" and row.attempt == attempt
+        return row is not None and row.status == JobStatus.SUCCEEDED and row.attempt == attempt
     session.add(_result_row(job_id, report, now))
     for name, size_bytes, sha256, location in artifacts:
         session.add(
@@ -284,7 +286,7 @@ def complete(
     return True
 
 
-def _finish(session: Session, job_id: str, attempt: int, status: str, error: str | None) -> bool:
+def _finish(session: Session, job_id: str, attempt: int, status: JobStatus, error: str | None) -> bool:
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -296,11 +298,11 @@ def _finish(session: Session, job_id: str, attempt: int, status: str, error: str
 
 def fail(session: Session, job_id: str, attempt: int, message: str) -> bool:
     """Our run failed for good with ``message`` (a person's message, never a traceback)."""
-    return _finish(session, job_id, attempt, "failed", message)
+    return _finish(session, job_id, attempt, JobStatus.FAILED, message)
 
 
 def mark_canceled(session: Session, job_id: str, attempt: int) -> bool:
-    return _finish(session, job_id, attempt, "canceled", None)
+    return _finish(session, job_id, attempt, JobStatus.CANCELED, None)
 
 
 def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
@@ -320,15 +322,12 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
         guard = and_(
             Job.id == job_id, Job.attempt == attempt, Job.status == RUNNING, Job.lease_expires_at <= now
         )
-        values: dict[str, Any]
-        if cancel:
-            values = {"status": "canceled", "finished_at": now}
-        elif attempt >= max_attempts:
-            reason = last_error or "worker lost (lease expired)"
-            values = {"status": "failed", "finished_at": now, "error": gave_up_message(attempt, reason)}
-        else:
-            values = {"status": QUEUED, "worker_id": None}
-        result = session.execute(update(Job).where(guard).values(lease_expires_at=None, **values))
+        values = _final_values(cancel, attempt, max_attempts, last_error, now) or {
+            "status": QUEUED,
+            "worker_id": None,
+            "lease_expires_at": None,
+        }
+        result = session.execute(update(Job).where(guard).values(**values))
         if _rowcount(result) == 1 and values["status"] == QUEUED:
             requeued.append(job_id)
     return requeued

@@ -32,8 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-FINISHED_STATUSES = ("succeeded", "failed", "canceled")
+from store.status import JobStatus, sql_in_list
+
 DATASET_KINDS = ("npz", "imagefolder")
 
 NAMING_CONVENTION = {
@@ -70,6 +70,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StatusType(TypeDecorator[JobStatus]):
+    """A job status stored as its string; read back as a :class:`JobStatus`."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
@@ -145,7 +158,7 @@ class Dataset(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')", name="status"),
+        CheckConstraint(sql_in_list("status"), name="status"),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_status", "status"),
@@ -156,7 +169,9 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     config: Mapped[dict[str, Any]] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
+    status: Mapped[JobStatus] = mapped_column(
+        StatusType(), default=JobStatus.QUEUED, server_default=JobStatus.QUEUED.value
+    )
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     epoch: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -181,10 +196,6 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     result: Mapped[Result | None] = relationship(back_populates="job", uselist=False)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status in FINISHED_STATUSES
 
 
 class JobEvent(Base):

@@ -20,11 +20,6 @@ def get_for_tenant(session: Session, tenant_id: str, dataset_id: str) -> Dataset
     return session.scalars(stmt).one_or_none()
 
 
-def get(session: Session, dataset_id: str) -> Dataset | None:
-    """Any tenant's dataset: for the worker, which already holds a tenant-checked job."""
-    return session.get(Dataset, dataset_id)
-
-
 def list_for_tenant(
     session: Session, tenant_id: str, limit: int = 20, offset: int = 0
 ) -> tuple[list[Dataset], int]:

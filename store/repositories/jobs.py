@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from store.models import Artifact, Job, JobEvent, Result
 from store.repositories.paging import newest_first
+from store.status import JobStatus
 
 
 class CancelOutcome(enum.Enum):
@@ -55,7 +56,7 @@ def create(
         tenant_id=tenant_id,
         name=name,
         config=config,
-        status="queued",
+        status=JobStatus.QUEUED,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
     )
@@ -73,7 +74,12 @@ def create(
 
 
 def list_for_tenant(
-    session: Session, tenant_id: str, *, status: str | None = None, limit: int = 20, offset: int = 0
+    session: Session,
+    tenant_id: str,
+    *,
+    status: JobStatus | None = None,
+    limit: int = 20,
+    offset: int = 0,
 ) -> tuple[list[Job], int]:
     conditions = [Job.tenant_id == tenant_id]
     if status is not None:
@@ -86,8 +92,8 @@ def request_cancel(session: Session, job: Job) -> CancelOutcome:
     now = datetime.now(UTC)
     canceled = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="canceled", cancel_requested=True, finished_at=now, updated_at=now)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     if canceled.rowcount:  # type: ignore[attr-defined]
@@ -95,7 +101,7 @@ def request_cancel(session: Session, job: Job) -> CancelOutcome:
         return CancelOutcome.CANCELED
     flagged = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "running")
+        .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -126,17 +132,3 @@ def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
 def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
     stmt = select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
     return session.scalars(stmt).one_or_none()
-
-
-def add_artifact(
-    session: Session, job_id: str, name: str, *, size_bytes: int, sha256: str, location: str
-) -> Artifact:
-    """Record (or replace, on a rerun) the artifact ``name`` of a job."""
-    artifact = get_artifact(session, job_id, name)
-    if artifact is None:
-        artifact = Artifact(job_id=job_id, name=name, size_bytes=size_bytes, sha256=sha256, location=location)
-        session.add(artifact)
-    else:
-        artifact.size_bytes, artifact.sha256, artifact.location = size_bytes, sha256, location
-    session.flush()
-    return artifact

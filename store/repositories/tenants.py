@@ -12,10 +12,6 @@ def get_by_name(session: Session, name: str) -> Tenant | None:
     return session.scalars(select(Tenant).where(Tenant.name == name)).one_or_none()
 
 
-def get(session: Session, tenant_id: str) -> Tenant | None:
-    return session.get(Tenant, tenant_id)
-
-
 def create(session: Session, name: str) -> Tenant:
     tenant = Tenant(name=name)
     session.add(tenant)

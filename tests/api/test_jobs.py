@@ -13,8 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.artifacts import job_key
-from store.models import Job, JobEvent, ModelRecord, Result
-from store.repositories import jobs as job_repo
+from store.models import Artifact, Job, JobEvent, ModelRecord, Result
 from store.settings import Settings
 from tests.api.conftest import Caller, RecordingDispatcher
 
@@ -246,7 +245,10 @@ def test_artifact_download_streams_bytes_matching_the_checksum_header(
     path.parent.mkdir(parents=True)
     path.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
-    job_repo.add_artifact(session, job_id, "model.onnx", size_bytes=len(payload), sha256=digest, location=key)
+    session.add(
+        Artifact(job_id=job_id, name="model.onnx", size_bytes=len(payload), sha256=digest, location=key)
+    )
+    session.flush()
 
     listing = client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice.headers).json()
     with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=alice.headers) as resp:
