@@ -99,6 +99,13 @@ class TrainConfig(_Strict):
         "whose batch x output positions x (N-1) is below its input width is composed as a chain of "
         "layers instead (same function and gradients, cheaper there).",
     )
+    init: Literal["paper", "preserve"] = Field(
+        default="preserve",
+        description="How the factors start when training from scratch. 'paper': each factor initialized "
+        "independently as the layer's own initialization would (the product starts small, with a "
+        "decaying spectrum, as in the paper's code). 'preserve': the product equals the layer's default "
+        "init, square factors orthogonal. Ignored when model.weights are given (exact factorization).",
+    )
     include: list[str] = Field(
         default_factory=list, description="fnmatch patterns of module names to compose."
     )

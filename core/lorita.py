@@ -239,6 +239,47 @@ def _orthogonal_factors(
     return [t.to(matrix.dtype) for t in (full, *squares)]
 
 
+INITS = ("weights", "preserve", "scratch", "paper")
+
+
+def _default_init_(tensor: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Fill a 2-D factor as a layer of ``kind`` with that factor's shape is initialized by default.
+
+    Linear and Conv2d reset their weight with ``kaiming_uniform_(a=sqrt(5))``, i.e.
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` the factor's columns (a 1x1 conv
+    ``k -> k`` has fan_in k); ``nn.MultiheadAttention`` uses ``xavier_uniform_``.
+    """
+    if kind in ("attention_in", "attention_qkv"):
+        return nn.init.xavier_uniform_(tensor, generator=generator)
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
+
+
+def _paper_factors(
+    matrix: torch.Tensor, n_factors: int, kind: str, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``[F, Q_1, ..., Q_{N-1}]``, each factor initialized independently, as the research code does.
+
+    ``F`` is the layer's own freshly initialized weight (same shape, same rule, whatever the
+    model's init did); each square ``k x k`` (``k = min(m, n)``) is a fresh default init of a
+    layer of the same kind with ``k`` inputs and outputs. The product is whatever that gives:
+    smaller than the layer's usual scale, with a decaying spectrum (the implicit low-rank bias
+    of a deep linear product).
+    """
+    size = min(matrix.shape)
+    squares = [
+        _default_init_(torch.empty(size, size, dtype=torch.float64), kind, generator).to(matrix.dtype)
+        for _ in range(n_factors - 1)
+    ]
+    return [matrix.detach().clone(), *squares]
+
+
+def _set_factors(originals: list[nn.Parameter], n_factors: int, groups: list[list[torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, values in enumerate(groups):
+            for dest, value in zip(originals[b * n_factors : (b + 1) * n_factors], values, strict=True):
+                dest.copy_(value.reshape(dest.shape))
+
+
 def apply_lorita(
     model: nn.Module,
     n_factors: int,
@@ -251,9 +292,12 @@ def apply_lorita(
     """Compose every eligible weight of ``model`` as a product of ``n_factors`` factors.
 
     ``init="weights"``: the factors are an exact balanced factorization of the current
-    weights (the function the model computes is unchanged). ``init="scratch"``: the product
-    still equals the current (freshly initialized) weights, but the square factors are
-    random orthogonal matrices instead of balanced ones. Returns the composed targets.
+    weights (the function the model computes is unchanged). ``init="preserve"`` (alias
+    ``"scratch"``): the product still equals the current (freshly initialized) weights, but
+    the square factors are random orthogonal matrices instead of balanced ones.
+    ``init="paper"``: every factor is initialized independently, as the layer's own
+    initialization would (see :func:`_paper_factors`); the product starts smaller than the
+    layer's usual init. Returns the composed targets.
 
     Modules named in ``layer_space`` (see :func:`cheaper_in_layer_space`) are composed as a
     chain of layers instead: the same function and the same gradients, at a lower cost
@@ -261,8 +305,8 @@ def apply_lorita(
     """
     if n_factors < 2:
         return []
-    if init not in ("weights", "scratch"):
-        raise ValueError(f"init must be 'weights' or 'scratch', got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     targets = [t for t in find_targets(model, include, exclude) if t.eligible]
     generator = torch.Generator().manual_seed(seed)
     for t in targets:
@@ -276,9 +320,14 @@ def apply_lorita(
         param = _factor_parametrization(t, n_factors)
         if not hasattr(mod, _ORDER_ATTR):  # collapse restores this order of the state_dict keys
             setattr(mod, _ORDER_ATTR, list(mod._parameters))
+        initial = weight.detach().clone()
         parametrize.register_parametrization(mod, t.param, param)
-        if init == "scratch":
+        if init in ("scratch", "preserve"):
             _scratch_init(param, _originals(mod, t.param), generator)
+        elif init == "paper":
+            blocks = initial.chunk(3, dim=0) if t.kind == "attention_in" else (initial,)
+            groups = [_paper_factors(b.reshape(b.shape[0], -1), n_factors, t.kind, generator) for b in blocks]
+            _set_factors(_originals(mod, t.param), n_factors, groups)
     return targets
 
 
@@ -379,8 +428,10 @@ def _compose_as_chain(
     )
     weight = weight_of(layer)
     matrix = weight.detach().reshape(t.shape[0], -1)
-    if init == "scratch":
+    if init in ("scratch", "preserve"):
         factors = _orthogonal_factors(matrix, n_factors, left=True, generator=generator)
+    elif init == "paper":
+        factors = _paper_factors(matrix, n_factors, t.kind, generator)
     else:
         factors = _balanced_factors_left(matrix, n_factors)
     chain.to(device=weight.device, dtype=weight.dtype)

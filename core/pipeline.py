@@ -224,7 +224,7 @@ def run_job(
                 tcfg.factors,
                 tcfg.include,
                 tcfg.exclude,
-                init="weights" if config.model.weights else "scratch",
+                init="weights" if config.model.weights else tcfg.init,
                 seed=tcfg.seed,
                 layer_space=layer_space,
             )
