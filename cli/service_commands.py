@@ -52,10 +52,13 @@ def spawn_worker(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from store.admin import upgrade_db
-    from store.settings import get_settings
+    from store.settings import SettingsError, load_settings
 
     try:
-        settings = get_settings()
+        settings = load_settings()
+    except SettingsError as err:
+        return fail(str(err))
+    try:
         upgrade_db()
     except Exception as err:
         return fail(f"cannot prepare the database: {err}", 1)
@@ -111,9 +114,12 @@ def parse_queues(value: str | None) -> list[str]:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from store.settings import SettingsError, load_settings
+
     try:
+        load_settings()
         queues = parse_queues(args.queue)
-    except ValueError as err:
+    except (SettingsError, ValueError) as err:
         return fail(str(err))
     from worker.celery_app import app
 
@@ -347,8 +353,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
     from cli.output import format_report_table
+    from store.settings import SettingsError, load_settings
 
-    key = args.key or os.environ.get("LORITA_API_KEY")
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        return fail(str(err))
+    key = args.key or settings.api_key
+    url = args.url or settings.url
     if not key:
         return fail("no API key: pass --key or set LORITA_API_KEY (create one with `lorita keys create`)")
     config_path = Path(args.config)
@@ -361,7 +373,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not isinstance(config, dict):
         return fail(f"{config_path} must hold a JSON object")
     try:
-        with http_client(args.url, key) as client:
+        with http_client(url, key) as client:
             config = prepare_config(client, config, config_path.resolve().parent, args)
             job = _check(client.post("/v1/jobs", json=config), "submitting the job")
             job_id = job["id"]
@@ -379,7 +391,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ClientError as err:
         return fail(str(err), 1)
     except httpx.HTTPError as err:
-        return fail(f"cannot reach the service at {args.url}: {err}", 1)
+        return fail(f"cannot reach the service at {url}: {err}", 1)
     print(format_report_table(report))
     print(f"job {job_id} succeeded; {len(paths)} artifacts (sha256 checked) in {out}", file=sys.stderr)
     return 0
@@ -389,7 +401,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="Run the HTTP service (embedded worker when no broker is set).")
+    from store.settings import settings_help
+
+    p = sub.add_parser(
+        "serve",
+        help="Run the HTTP service (embedded worker when no broker is set).",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--concurrency", type=int, default=1, help="Jobs the embedded worker runs at once.")
@@ -415,7 +434,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="Run a job worker (Celery).")
+    p = sub.add_parser(
+        "worker",
+        help="Run a job worker (Celery).",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--queue", default=None, help="gpu, cpu or 'gpu,cpu'; default: gpu if CUDA works, else cpu."
     )
@@ -436,7 +460,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("submit", help="Submit a job to a running service, follow it, download its artifacts.")
     p.add_argument("config", help="The job config (JSON).")
-    p.add_argument("--url", default=os.environ.get("LORITA_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--url", default=None, help="The service (default: $LORITA_URL, http://127.0.0.1:8000).")
     p.add_argument("--key", default=None, help="API key (default: $LORITA_API_KEY).")
     p.add_argument("--weights", default=None, help="Upload these weights first (.safetensors or .pt).")
     p.add_argument("--arch", default=None, help="Architecture of --weights (default: model.arch).")

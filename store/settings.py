@@ -1,26 +1,38 @@
-"""Service settings, read from ``LORITA_*`` environment variables (and a ``.env`` file)."""
+"""Every setting of the service and the CLI, read from ``LORITA_*`` environment variables (and a
+``.env`` file). This is the only module that reads the environment: the API, the workers, the
+store and the CLI take their settings from :func:`get_settings`, and a child process gets its
+environment from :func:`child_env`. ``python -m store.settings`` prints the table of settings
+that the README carries; ``lorita serve --help`` shows the same list.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+ENV_PREFIX = "LORITA_"
+QUEUES = ("gpu", "cpu")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORITA_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
 
-    env: Literal["development", "production"] = "development"
+    env: Literal["development", "production"] = Field(
+        default="development",
+        description="'production' refuses the embedded SQLite default (a deployment needs PostgreSQL).",
+    )
     database_url: str = Field(
         default="sqlite:///./var/lorita.db",
         description="SQLAlchemy URL; Postgres as postgresql+psycopg://user:pass@host/db.",
     )
     broker_url: str | None = Field(
-        default=None, description="Celery broker (redis://...); None means the embedded local broker."
+        default=None, description="Celery broker (redis://...); unset: the embedded file-system broker."
     )
     artifact_dir: str = Field(default="./var/artifacts", description="Root of the local artifact store.")
     max_upload_bytes: int = Field(default=512 * MIB, ge=1, description="Largest accepted upload.")
@@ -48,13 +60,49 @@ class Settings(BaseSettings):
         "that jobs over HTTP may name; clients cannot give a path themselves.",
     )
     allow_download: bool = Field(
-        default=False, description="Let workers download a missing torchvision dataset into data_dir."
+        default=False, description="Let workers download a missing torchvision dataset into LORITA_DATA_DIR."
     )
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="Threads torch may use in a worker's job (None: torch's default, all cores).",
+        description="Threads torch may use in a worker's job (unset: torch's default, all cores).",
     )
+
+    broker_dir: str = Field(
+        default="./var/broker",
+        description="Folder of the embedded file-system broker (used when LORITA_BROKER_URL is unset).",
+    )
+    var_dir: str = Field(
+        default="./var", description="Folder for the worker's own state files (the celery beat schedule)."
+    )
+    queue: Literal["gpu", "cpu"] = Field(
+        default="cpu",
+        description="Queue of a job whose config says device 'auto' (gpu or cpu); 'cpu' and 'cuda' "
+        "jobs always go to their own queue.",
+    )
+    sweeper: bool = Field(
+        default=True,
+        description="Run the sweeper (requeue expired leases, re-send lost job ids) in every worker.",
+    )
+    sweep_interval: float = Field(default=15.0, gt=0, description="Seconds between two sweeps of a worker.")
+    requeue_queued_after: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a job may stay queued and untouched before the sweeper re-sends its id "
+        "(the broker may have lost the message; a duplicate is harmless).",
+    )
+    url: str = Field(
+        default="http://127.0.0.1:8000", description="The service `lorita submit` talks to (its --url)."
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="The API key `lorita submit` sends (its --key); create one with `lorita keys create`.",
+    )
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _queue_name(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _production_needs_real_servers(self) -> Settings:
@@ -71,3 +119,89 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class SettingsError(ValueError):
+    """Settings a person must fix; the message names each variable and what is wrong."""
+
+
+def load_settings() -> Settings:
+    """:func:`get_settings`, with invalid values reported by variable name (for the CLI at start)."""
+    try:
+        return get_settings()
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            name = ENV_PREFIX + str(e["loc"][0]).upper() if e["loc"] else "settings"
+            problems.append(f"{name}: {e['msg']}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(variable, default, description) of every setting, in the order of the model."""
+    return [
+        (env_name(name), _shown(field.default), field.description or "")
+        for name, field in Settings.model_fields.items()
+    ]
+
+
+def settings_help() -> str:
+    """The settings as plain text, for ``--help`` epilogs."""
+    lines = ["settings (environment variables, or a .env file in the working directory):"]
+    for name, default, description in settings_reference():
+        lines.append(f"  {name} (default: {default})")
+        lines.append(f"      {description}")
+    return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """The settings as a Markdown table, for the README."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for name, default, description in settings_reference():
+        cell = description.replace("|", "\\|")
+        rows.append(f"| `{name}` | `{default}` | {cell} |")
+    return "\n".join(rows)
+
+
+def child_env(
+    settings: Mapping[str, Any] | None = None,
+    *,
+    prepend_paths: Mapping[str, str] | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of a child process: this one's, less its ``LORITA_*`` variables, plus
+    ``settings`` (field name -> value; unknown names are refused) and ``extra`` variables.
+
+    ``extra`` may name ``LORITA_*`` variables too; they must be settings as well.
+    ``prepend_paths`` puts a folder in front of a search path (e.g. ``PYTHONPATH``).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    for name, folder in (prepend_paths or {}).items():
+        env[name] = os.pathsep.join(p for p in (folder, env.get(name, "")) if p)
+    known = {env_name(name) for name in Settings.model_fields}
+    for field, value in (settings or {}).items():
+        if field not in Settings.model_fields:
+            raise KeyError(f"{field!r} is not a setting; see store.settings.Settings")
+        if value is not None:
+            env[env_name(field)] = _shown(value)
+    for name, value in extra.items():
+        if name.startswith(ENV_PREFIX) and name not in known:
+            raise KeyError(f"{name} is not a setting; see store.settings.Settings")
+        env[name] = value
+    return env
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

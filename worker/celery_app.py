@@ -19,31 +19,15 @@ queue of its device (``lorita worker`` probes CUDA in a subprocess, never in its
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
+from store.settings import Settings, get_settings
+
 TASK_RUN_JOB = "lorita.run_job"
 TASK_SWEEP = "lorita.sweep"
-QUEUES = ("gpu", "cpu")
-SWEEP_INTERVAL_S = float(os.environ.get("LORITA_SWEEP_INTERVAL", "15"))
-
-
-def broker_url() -> str | None:
-    """The configured broker URL, or None for the embedded filesystem broker."""
-    try:
-        from store.settings import get_settings
-
-        url = get_settings().broker_url
-    except ImportError:  # pragma: no cover - store not installed
-        url = os.environ.get("LORITA_BROKER_URL")
-    return url or None
-
-
-def embedded_broker_dir() -> Path:
-    return Path(os.environ.get("LORITA_BROKER_DIR", "./var/broker")).resolve()
 
 
 def _filesystem_transport_options(root: Path) -> dict[str, Any]:
@@ -63,8 +47,9 @@ def _filesystem_transport_options(root: Path) -> dict[str, Any]:
     }
 
 
-def create_celery_app() -> Celery:
-    url = broker_url()
+def create_celery_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    url = settings.broker_url or None
     app = Celery("lorita")
     conf: dict[str, Any] = {
         "task_serializer": "json",
@@ -88,12 +73,12 @@ def create_celery_app() -> Celery:
         # (worker.sweeper.SweeperStep), because with concurrency 1 a beat-sent sweep would wait
         # behind the very training job it may have to rescue.
         "beat_schedule": {
-            "lorita-sweep": {"task": TASK_SWEEP, "schedule": SWEEP_INTERVAL_S},
+            "lorita-sweep": {"task": TASK_SWEEP, "schedule": settings.sweep_interval},
         },
     }
     if url is None:
         conf["broker_url"] = "filesystem://"
-        conf["broker_transport_options"] = _filesystem_transport_options(embedded_broker_dir())
+        conf["broker_transport_options"] = _filesystem_transport_options(Path(settings.broker_dir).resolve())
         conf["worker_enable_remote_control"] = False
     else:
         conf["broker_url"] = url
@@ -103,7 +88,7 @@ def create_celery_app() -> Celery:
             # compare-and-set) but pointless, so keep it rare
             conf["broker_transport_options"] = {"visibility_timeout": 6 * 3600}
     app.conf.update(conf)
-    app.conf.beat_schedule_filename = str(Path(os.environ.get("LORITA_VAR_DIR", "./var")) / "celerybeat")
+    app.conf.beat_schedule_filename = str(Path(settings.var_dir) / "celerybeat")
     return app
 
 

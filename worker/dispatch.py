@@ -7,21 +7,18 @@ message only carries the id). A lost message is re-sent by the sweeper.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
-from worker.celery_app import QUEUES, TASK_RUN_JOB, app
+from store.settings import get_settings
+from worker.celery_app import TASK_RUN_JOB, app
 
 log = logging.getLogger(__name__)
 
 
 def default_queue() -> str:
     """``LORITA_QUEUE`` (``gpu`` or ``cpu``): where jobs go unless their config names a device."""
-    queue = os.environ.get("LORITA_QUEUE", "cpu").strip().lower() or "cpu"
-    if queue not in QUEUES:
-        raise ValueError(f"LORITA_QUEUE={queue!r}: choose one of {', '.join(QUEUES)}")
-    return queue
+    return get_settings().queue
 
 
 def queue_for(config: Mapping[str, Any] | None) -> str:

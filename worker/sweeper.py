@@ -15,7 +15,6 @@ each transition is a compare-and-set. It is also a Celery task (``lorita.sweep``
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +26,11 @@ from sqlalchemy import select
 from store import lifecycle
 from store.db import session_scope
 from store.models import Job
-from worker.celery_app import SWEEP_INTERVAL_S, TASK_SWEEP, app
+from store.settings import get_settings
+from worker.celery_app import TASK_SWEEP, app
 from worker.dispatch import send_job
 
 log = logging.getLogger(__name__)
-
-
-def stuck_after_s() -> float:
-    return float(os.environ.get("LORITA_REQUEUE_QUEUED_AFTER", "120"))
 
 
 @dataclass
@@ -50,7 +46,7 @@ def sweep(send: Callable[..., None] = send_job, queued_after_s: float | None = N
         report.requeued = lifecycle.requeue_expired(session)
     with session_scope() as session:
         report.resent = lifecycle.requeue_stuck_queued(
-            session, stuck_after_s() if queued_after_s is None else queued_after_s
+            session, get_settings().requeue_queued_after if queued_after_s is None else queued_after_s
         )
     ids = report.requeued + report.resent
     if ids:
@@ -77,9 +73,9 @@ def sweep_task() -> dict[str, Any]:
 
 
 class SweeperThread(threading.Thread):
-    def __init__(self, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    def __init__(self, interval_s: float | None = None) -> None:
         super().__init__(name="lorita-sweeper", daemon=True)
-        self.interval_s = interval_s
+        self.interval_s = get_settings().sweep_interval if interval_s is None else interval_s
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -99,7 +95,7 @@ _thread: SweeperThread | None = None
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _thread
-    if os.environ.get("LORITA_SWEEPER", "1") == "0" or _thread is not None:
+    if not get_settings().sweeper or _thread is not None:
         return
     _thread = SweeperThread()
     _thread.start()
