@@ -11,9 +11,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from api import datasets, health, jobs, models
+from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from store.artifacts import LocalArtifactStore
+from store.artifacts import get_artifact_store
 from store.settings import Settings, get_settings
 
 # Multipart framing and the form fields ride along with the file: allow them on top of the cap.
@@ -70,8 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     app.state.settings = settings
-    app.state.artifact_store = LocalArtifactStore(settings.artifact_dir)
+    app.state.artifact_store = get_artifact_store(settings)
     install_error_handlers(app)
+    install_store_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import mimetypes
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -12,6 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep, TenantRef
+from api.downloads import artifact_response
 from api.errors import AppError
 from api.schemas import (
     ArtifactRead,
@@ -258,23 +258,17 @@ def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> A
     responses={200: {"description": "The file, with its sha256 in X-Checksum-SHA256."}},
 )
 def download_artifact(
-    job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep
-) -> FileResponse:
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    store: StoreDep,
+    range_header: Annotated[str | None, Header(alias="Range", include_in_schema=False)] = None,
+) -> Response:
     _job_or_404(session, tenant, job_id)
     artifact = job_repo.get_artifact(session, job_id, name)
     if artifact is None:
         raise AppError(
             404, f"job {job_id} has no artifact {name!r}; list them with GET /v1/jobs/{job_id}/artifacts"
         )
-    path = store.path_for(artifact.location)
-    if not path.is_file():
-        raise AppError(
-            404, f"the file of artifact {name!r} is missing from the artifact store; contact the operator"
-        )
-    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return FileResponse(
-        path,
-        media_type=media_type,
-        filename=name.rsplit("/", 1)[-1],
-        headers={"X-Checksum-SHA256": artifact.sha256},
-    )
+    return artifact_response(store, artifact.location, name, artifact.sha256, range_header)

@@ -35,6 +35,17 @@ class Settings(BaseSettings):
         default=None, description="Celery broker (redis://...); unset: the embedded file-system broker."
     )
     artifact_dir: str = Field(default="./var/artifacts", description="Root of the local artifact store.")
+    artifacts_url: str | None = Field(
+        default=None,
+        description="Where artifacts live: a local directory, or s3://bucket/prefix on an S3-compatible "
+        "server (endpoint and credentials the standard AWS way: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE...). Unset: artifact_dir.",
+    )
+    work_dir: str = Field(
+        default="./var/work",
+        description="Local scratch of each process when artifacts are in S3: uploads in progress, "
+        "a running job's files, cached inputs.",
+    )
     max_upload_bytes: int = Field(default=512 * MIB, ge=1, description="Largest accepted upload.")
     max_archive_files: int = Field(default=200_000, ge=1, description="Most entries in a dataset archive.")
     max_archive_bytes: int = Field(
