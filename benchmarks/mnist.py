@@ -79,7 +79,10 @@ def _digits(tarball: Path) -> list[np.ndarray]:
 
 def load(cache: Path = CACHE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x_train, y_train, x_test, y_test``: images (N, 1, 28, 28) in [0, 1], labels 0..9."""
-    xs_train, ys_train, xs_test, ys_test = [], [], [], []
+    xs_train: list[np.ndarray] = []
+    ys_train: list[np.ndarray] = []
+    xs_test: list[np.ndarray] = []
+    ys_test: list[np.ndarray] = []
     rng = np.random.default_rng(SPLIT_SEED)
     for d, images in enumerate(_digits(fetch(cache))):
         order = rng.permutation(len(images))
