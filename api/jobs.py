@@ -23,70 +23,24 @@ from api.schemas import (
     ResultSummary,
 )
 from core.config import JobConfig
+from store import references
 from store.models import Job, Result
-from store.repositories import datasets as dataset_repo
 from store.repositories import jobs as job_repo
-from store.repositories import models as model_repo
 from store.status import JobStatus
 
 log = logging.getLogger("lorita.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_UPLOAD_MODEL_HINT = "upload weights with POST /v1/models and put the returned id in model.weights"
-_UPLOAD_DATA_HINT = 'upload data with POST /v1/datasets and reference it as {"id": "<dataset id>"}'
-
 
 def resolve_references(session: Session, tenant: TenantRef, config: JobConfig) -> JobConfig:
-    """Check that every reference in ``config`` is one of this tenant's uploads, and fill in
-    what the uploaded model fixes (num_classes, options). A client never names a server path."""
-    ds = config.dataset
-    if ds.path is not None:
-        raise AppError(422, f"dataset.path is not accepted over HTTP; {_UPLOAD_DATA_HINT}")
-    if ds.root is not None:
-        raise AppError(422, "dataset.root is not accepted over HTTP; the operator sets the data directory")
-    if ds.download:
-        raise AppError(
-            422, "dataset.download is not accepted over HTTP; the operator decides what is downloaded"
-        )
-    dataset = None
-    if ds.id is not None:
-        dataset = dataset_repo.get_for_tenant(session, tenant.id, ds.id)
-        if dataset is None:
-            raise AppError(404, f"dataset {ds.id} not found; {_UPLOAD_DATA_HINT}")
-        if ds.image_size is not None and dataset.kind != "imagefolder":
-            raise AppError(422, "dataset.image_size only applies to ImageFolder uploads, not to .npz files")
-
-    m = config.model
-    if m.weights is not None:
-        record = model_repo.get_for_tenant(session, tenant.id, m.weights)
-        if record is None:
-            raise AppError(
-                404, f"model.weights {m.weights!r} is not one of your uploaded models; {_UPLOAD_MODEL_HINT}"
-            )
-        if record.arch != m.arch:
-            raise AppError(
-                422, f"model.arch is {m.arch!r} but model {record.id} was uploaded for {record.arch!r}"
-            )
-        if m.num_classes is None:
-            m.num_classes = record.num_classes
-        elif m.num_classes != record.num_classes:
-            raise AppError(
-                422,
-                f"model.num_classes is {m.num_classes} but model {record.id} has {record.num_classes} classes",
-            )
-        if not m.options:
-            m.options = dict(record.options)
-        elif m.options != record.options:
-            raise AppError(
-                422,
-                f"model.options {m.options} differ from those model {record.id} was uploaded with {record.options}",
-            )
-    if dataset is not None and m.num_classes is not None and m.num_classes != dataset.num_classes:
-        raise AppError(
-            422,
-            f"model.num_classes is {m.num_classes} but dataset {dataset.id} has {dataset.num_classes} classes",
-        )
-    return config
+    """``store.references.check_for_submit`` with its errors as 404 (not this tenant's upload)
+    or 422 (a reference that does not fit the config)."""
+    try:
+        return references.check_for_submit(session, tenant.id, config)
+    except references.ReferenceNotFound as err:
+        raise AppError(404, str(err)) from None
+    except references.UnresolvedReference as err:
+        raise AppError(422, str(err)) from None
 
 
 _JOB_COLUMNS = tuple(name for name in JobRead.model_fields if name != "result")

@@ -4,8 +4,9 @@ Thin and idempotent by construction: the claim is a compare-and-set, so a duplic
 finished job or a job another worker runs is a no-op; a rerun after a crash resumes from the
 training checkpoint in the job's ``work/`` folder. Every write carries the claimed attempt.
 
-core (and torch) is imported inside the task only, in the pool's child process: the worker's
-main process never touches CUDA.
+torch (core's pipeline) is imported inside the task only, in the pool's child process: the
+worker's main process never touches CUDA. References to uploads are checked against the job's
+tenant and resolved to files by ``store.references``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import Any
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
-from store import lifecycle
+from store import lifecycle, references
 from store.artifacts import get_artifact_store, job_key, sha256_file
 from store.db import dispose_engines, session_scope
-from store.models import Dataset, Job, ModelRecord
+from store.models import Job
 from store.settings import get_settings
+from store.status import JobStatus
 from worker.celery_app import TASK_RUN_JOB, app
 
 log = logging.getLogger(__name__)
@@ -36,53 +38,8 @@ PROGRESS_INTERVAL_S = 1.0
 CANCEL_POLL_INTERVAL_S = 1.0
 
 
-class UnresolvedReference(Exception):
-    """A model or dataset id in the job config that does not resolve (a person's error)."""
-
-
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-TORCHVISION_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
-
-
-def resolve_references(config: dict[str, Any], tenant_id: str, store: Any) -> dict[str, Any]:
-    """Replace uploaded model / dataset ids by the local paths of their files.
-
-    A built-in torchvision dataset is read from the operator's ``LORITA_DATA_DIR`` (clients
-    may not name server paths), downloaded there only where ``LORITA_ALLOW_DOWNLOAD`` says so.
-    """
-    config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
-    dataset_cfg = config.get("dataset") or {}
-    if dataset_cfg.get("name") in TORCHVISION_DATASETS:
-        settings = get_settings()
-        if settings.data_dir is None:
-            raise UnresolvedReference(
-                f"dataset {dataset_cfg['name']!r} is not available on this server (no LORITA_DATA_DIR); "
-                "upload it as an .npz with POST /v1/datasets"
-            )
-        dataset_cfg["root"] = settings.data_dir
-        dataset_cfg["download"] = settings.allow_download
-    with session_scope() as session:
-        model = config.get("model") or {}
-        weights = model.get("weights")
-        if weights:
-            record = session.get(ModelRecord, weights)
-            if record is None or record.tenant_id != tenant_id:
-                raise UnresolvedReference(f"model {weights!r} not found; upload it with POST /v1/models")
-            model["weights"] = str(store.path_for(record.location))
-        dataset = config.get("dataset") or {}
-        dataset_id = dataset.get("id")
-        if dataset_id:
-            ds = session.get(Dataset, dataset_id)
-            if ds is None or ds.tenant_id != tenant_id:
-                raise UnresolvedReference(
-                    f"dataset {dataset_id!r} not found; upload it with POST /v1/datasets"
-                )
-            dataset["id"] = None
-            dataset["path"] = str(store.path_for(ds.location))
-    return config
 
 
 class JobReporter:
@@ -196,9 +153,9 @@ def _collect_artifacts(out_dir: Path, prefix: str, store: Any) -> list[tuple[str
     return artifacts
 
 
-def _record_outcome(job_id: str, attempt: int, status: str, message: str | None = None) -> None:
+def _record_outcome(job_id: str, attempt: int, status: JobStatus, message: str | None = None) -> None:
     with session_scope() as session:
-        if status == "canceled":
+        if status == JobStatus.CANCELED:
             done = lifecycle.mark_canceled(session, job_id, attempt)
         else:
             done = lifecycle.fail(session, job_id, attempt, message or "failed")
@@ -234,7 +191,10 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
     out_dir = Path(store.path_for(prefix))
     reporter = JobReporter(job_id, attempt, settings.lease_seconds)
     try:
-        config = parse_config(resolve_references(raw_config, tenant_id, store))
+        with session_scope() as session:
+            config = references.resolve_for_run(
+                session, tenant_id, parse_config(raw_config), store.path_for, settings
+            )
         if out_dir.exists():  # leftovers of a crash of this very attempt
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
@@ -254,16 +214,16 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
         if reporter.stale:
             log.warning("job %s attempt %d was superseded; stopped", job_id, attempt)
             return "stale"
-        _record_outcome(job_id, attempt, "canceled")
+        _record_outcome(job_id, attempt, JobStatus.CANCELED)
         log.info("job %s canceled", job_id)
         return "canceled"
-    except (JobError, ConfigError, UnresolvedReference) as err:
-        _record_outcome(job_id, attempt, "failed", str(err))
+    except (JobError, ConfigError, references.UnresolvedReference) as err:
+        _record_outcome(job_id, attempt, JobStatus.FAILED, str(err))
         log.info("job %s failed: %s", job_id, err)
         return "failed"
     except Exception as err:
         log.error("job %s attempt %d: internal error\n%s", job_id, attempt, traceback.format_exc())
-        _record_outcome(job_id, attempt, "failed", f"internal error: {type(err).__name__}: {err}")
+        _record_outcome(job_id, attempt, JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}")
         return "failed"
     if not done:
         log.warning("job %s attempt %d finished but was superseded; result discarded", job_id, attempt)

@@ -16,7 +16,7 @@ from store.artifacts import sha256_file
 from store.db import dispose_engines, session_scope
 from store.models import Artifact, Job, JobEvent, Result, Tenant
 from store.settings import get_settings
-from worker.tasks import execute_job, resolve_references
+from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,10 @@ def test_unknown_model_id_fails_with_a_message(service_db: str) -> None:
     config["model"]["weights"] = "0" * 32
     job_id = submit(config)
     assert execute_job(job_id) == "failed"
-    assert get_job(job_id).error == f"model {'0' * 32!r} not found; upload it with POST /v1/models"
+    assert get_job(job_id).error == (
+        f"model.weights {'0' * 32!r} is not one of your uploaded models; "
+        "upload weights with POST /v1/models and put the returned id in model.weights"
+    )
 
 
 def test_torchvision_dataset_without_a_data_dir_fails_with_a_message(service_db: str) -> None:
@@ -140,8 +143,6 @@ def test_torchvision_dataset_reads_the_operators_data_dir(
 ) -> None:
     monkeypatch.setenv("LORITA_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
-    resolved = resolve_references({"dataset": {"name": "cifar10"}}, "t", store=None)
-    assert resolved["dataset"] == {"name": "cifar10", "root": str(tmp_path / "data"), "download": False}
     # the data directory is empty and downloads are off: the job fails saying what to provide
     job_id = submit(tiny_config(dataset={"name": "cifar10"}))
     assert execute_job(job_id) == "failed"
