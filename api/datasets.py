@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from api.archives import ArchiveError, archive_kind, extract_archive, inspect_image_folder
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
+from api.limits import Offset
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
 from api.uploads import clean_filename, commit_record, save_upload
 from store.artifacts import ArtifactStore, dataset_key
@@ -167,7 +168,7 @@ def list_datasets(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DatasetsRead:
     records, count = dataset_repo.list_for_tenant(session, tenant.id, limit=limit, offset=offset)
     return DatasetsRead(

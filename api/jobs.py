@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep, TenantRef
 from api.downloads import artifact_response
 from api.errors import AppError
+from api.limits import MAX_QUERY_INT, Offset
 from api.schemas import (
     ArtifactRead,
     ArtifactsRead,
@@ -128,7 +129,7 @@ def list_jobs(
     tenant: CurrentTenant,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> JobsRead:
     jobs, count = job_repo.list_for_tenant(session, tenant.id, status=status, limit=limit, offset=offset)
     return JobsRead(data=[job_read(j) for j in jobs], count=count)
@@ -168,7 +169,9 @@ def list_events(
     job_id: str,
     session: SessionDep,
     tenant: CurrentTenant,
-    after_id: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling).")] = 0,
+    after_id: Annotated[
+        int, Query(ge=0, le=MAX_QUERY_INT, description="Only events with a larger id (for polling).")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> JobEventsRead:
     _job_or_404(session, tenant, job_id)

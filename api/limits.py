@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
+from fastapi import Query
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.uploads import too_large
+
+# The largest value of a PostgreSQL INTEGER (event ids, counts): a query integer past it would
+# overflow in the database driver (a 500), so the schema refuses it (a 422 naming the parameter).
+MAX_QUERY_INT = 2**31 - 1
+
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_QUERY_INT, description="Items to skip (for paging), 0..2147483647.")
+]
 
 
 class BodySizeLimit:

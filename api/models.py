@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
+from api.limits import Offset
 from api.schemas import ModelRead, ModelsRead
 from api.uploads import clean_filename, commit_record, save_upload
 from store.artifacts import model_key
@@ -125,7 +126,7 @@ def list_models(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> ModelsRead:
     records, count = model_repo.list_for_tenant(session, tenant.id, limit=limit, offset=offset)
     return ModelsRead(data=[ModelRead.model_validate(r) for r in records], count=count)
