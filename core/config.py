@@ -174,8 +174,20 @@ CompressConfig = Annotated[
 POLICIES = ("none", "uniform", "global", "energy", "params_budget", "flops_budget", "accuracy_budget")
 
 
+class DistillConfig(_Strict):
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Weight of the teacher's soft targets (0: labels only)."
+    )
+    temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="Softmax temperature T.")
+
+
 class FinetuneConfig(_Strict):
     epochs: int = Field(default=0, ge=0, le=1000)
+    distill: DistillConfig | None = Field(
+        default=None,
+        description="Learn from the dense (collapsed) model's soft outputs as well as the labels: "
+        "loss = (1 - alpha) CE + alpha T^2 KL(teacher || student). Off when null.",
+    )
     lr: float | None = Field(default=None, gt=0.0, description="Defaults to a tenth of the training lr.")
     optimizer: Literal["sgd", "adam", "adamw"] | None = None
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)

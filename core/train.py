@@ -44,6 +44,9 @@ class FitSettings:
     augment: bool = False
     patience: int | None = None  # early stop after this many epochs without val improvement
     keep_best: bool = False  # restore the weights of the best validation epoch at the end
+    # Distillation from ``fit(teacher=...)``: loss = (1 - alpha) CE + alpha T^2 KL (alpha 0: off).
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
 
 
 @dataclass
@@ -166,6 +169,31 @@ def load_checkpoint(path: Path, tag: str) -> dict[str, Any] | None:
     return state
 
 
+def distillation_loss(
+    hard_loss: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """``(1 - alpha) * hard_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))``.
+
+    Note: the KL is averaged over the batch (``batchmean``, the true KL per sample), and the
+    ``T^2`` factor keeps the soft term's gradients at the scale of the hard term's as T
+    grows (Hinton et al., 2015), so ``alpha`` means the same at any temperature.
+    """
+    if alpha == 0.0:
+        return hard_loss
+    t = float(temperature)
+    soft = nn.functional.kl_div(
+        torch.log_softmax(student_logits.float() / t, dim=-1),
+        torch.log_softmax(teacher_logits.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - alpha) * hard_loss + alpha * t * t * soft
+
+
 def fit(
     model: nn.Module,
     train: TensorDataset,
@@ -178,8 +206,12 @@ def fit(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     window: StageWindow | None = None,
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place; checkpoint each epoch to ``checkpoint`` and resume from it.
+
+    With a ``teacher`` (kept frozen, in eval mode) and ``settings.distill_alpha`` > 0 the
+    loss is :func:`distillation_loss` of the labels' loss and the teacher's logits.
 
     Raises :class:`JobError` when the loss stops being finite and :class:`JobCanceled` when
     ``should_stop()`` becomes true.
@@ -191,6 +223,11 @@ def fit(
     opt = make_optimizer(model.parameters(), settings)
     sched = make_scheduler(opt, settings)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    if not 0.0 <= settings.distill_alpha <= 1.0 or settings.distill_temperature <= 0:
+        raise ValueError("distill_alpha must be in [0, 1] and distill_temperature > 0")
+    distill = teacher is not None and settings.distill_alpha > 0.0
+    if teacher is not None:
+        teacher.to(device).eval()
     result = FitResult()
     best_state: dict[str, torch.Tensor] | None = None
     start_epoch = 0
@@ -226,7 +263,15 @@ def fit(
                 xb = augment_batch(xb, gen, pad=max(1, xb.shape[-1] // 8))
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             with _autocast(device, settings.amp):
-                loss = loss_fn(model(xb).float(), yb)
+                logits = model(xb).float()
+                loss = loss_fn(logits, yb)
+                if distill:
+                    assert teacher is not None
+                    with torch.no_grad():
+                        soft_targets = teacher(xb).float()
+                    loss = distillation_loss(
+                        loss, logits, soft_targets, settings.distill_alpha, settings.distill_temperature
+                    )
             if not torch.isfinite(loss):
                 raise JobError(
                     f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; "
