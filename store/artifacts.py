@@ -170,6 +170,10 @@ class ArtifactStore(Protocol):
         """The keys of the files under the folder ``prefix`` (sorted)."""
         ...
 
+    def list_children(self, prefix: str) -> list[str]:
+        """The names of the files and folders directly under the folder ``prefix`` (sorted)."""
+        ...
+
     def temp_dir(self) -> Path:
         """A fresh local scratch directory; the caller removes it (``put_dir`` consumes it)."""
         ...
@@ -263,6 +267,10 @@ class LocalArtifactStore:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+    def list_children(self, prefix: str) -> list[str]:
+        path = self.path_for(prefix.rstrip("/"))
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
     def list_prefix(self, prefix: str) -> list[str]:
         path = self.path_for(prefix.rstrip("/"))

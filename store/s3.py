@@ -187,6 +187,22 @@ class S3ArtifactStore:
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(str(o["Key"])[strip:] for o in self._list(prefix))
 
+    def list_children(self, prefix: str) -> list[str]:
+        folder = self._folder(prefix)
+        names: set[str] = set()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder, Delimiter="/"
+            )
+            for page in pages:
+                names.update(
+                    str(p["Prefix"])[len(folder) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+                )
+                names.update(str(o["Key"])[len(folder) :] for o in page.get("Contents", []))
+        except _client_errors() as err:
+            raise _unavailable(err) from None
+        return sorted(n for n in names if n)
+
     def local_path(self, key: str) -> Path:
         """A cached local copy of the file or folder at ``key`` (downloaded once)."""
         dest = self.work_dir / "cache" / validate_key(key)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# the S3 protocol server fixtures (s3_endpoint, s3) for every test package
+pytest_plugins = ["tests.store.s3_server"]
+
 
 @pytest.fixture(autouse=True)
 def _torch_defaults() -> None:

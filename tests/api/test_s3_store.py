@@ -18,7 +18,7 @@ from store.artifacts import job_key, open_artifact_store
 from store.models import Artifact, Job, ModelRecord
 from store.settings import Settings
 from tests.api.conftest import Caller
-from tests.store.s3_server import S3Server, free_port, s3, s3_endpoint  # noqa: F401
+from tests.store.s3_server import S3Server, free_port
 
 pytestmark = pytest.mark.postgres
 

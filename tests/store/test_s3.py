@@ -17,7 +17,7 @@ from store.artifacts import (
 )
 from store.s3 import S3ArtifactStore
 from store.settings import Settings
-from tests.store.s3_server import S3Server, free_port, s3, s3_endpoint  # noqa: F401
+from tests.store.s3_server import S3Server, free_port
 
 PAYLOAD = bytes(range(256)) * 40_000  # 10 MB: past boto3's 8 MB multipart threshold
 
