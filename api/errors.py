@@ -9,9 +9,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("lorita.api")
+
+# Seconds a client is told to wait when a dependency (the database) is unreachable.
+RETRY_AFTER_SECONDS = 5
+DATABASE_UNAVAILABLE = (
+    "the service's database is unreachable right now; nothing was changed, retry in a few seconds"
+)
+# Errors that mean "the database cannot be reached" (refused, reset, timed out, pool exhausted), as
+# opposed to a query the database refused: the first are a 503 to retry, the second a bug (500).
+DATABASE_DOWN_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
 
 
 class AppError(StarletteHTTPException):
@@ -62,8 +77,39 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _is_database_down(exc: BaseException) -> bool:
+    if isinstance(exc, DATABASE_DOWN_ERRORS):
+        return True
+    # a DBAPI error SQLAlchemy saw invalidate the connection (the server went away mid-query)
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def database_unavailable_response() -> JSONResponse:
+    return JSONResponse(
+        {"detail": DATABASE_UNAVAILABLE},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if _is_database_down(exc):
+        # one line, not a traceback per request: an outage is a state, not a bug
+        log.warning("database unreachable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return database_unavailable_response()
+    return await _unexpected_error(request, exc)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # Should never happen: every expected failure is an AppError. Log it, never leak a traceback.
+    if _is_database_down(exc):  # a driver error SQLAlchemy did not wrap
+        return await _database_error(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
         {"detail": "internal error: the server failed unexpectedly; try again, and report it if it persists"},
@@ -74,4 +120,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
+    app.add_exception_handler(sa_exc.DisconnectionError, _database_error)
+    app.add_exception_handler(sa_exc.TimeoutError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import BrokerPingDep, SessionDep
+from api.errors import RETRY_AFTER_SECONDS
 from api.schemas import Health, Readiness
 
 log = logging.getLogger("lorita.api")
@@ -47,5 +48,5 @@ def readyz(session: SessionDep, broker_ping: BrokerPingDep) -> Readiness | JSONR
             "checks": checks,
             "detail": f"not ready: {', '.join(failed)} unreachable",
         }
-        return JSONResponse(body, status_code=503)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     return Readiness(status="ok", checks=checks)
