@@ -156,13 +156,48 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from store.admin import create_api_key
+    from store.admin import AdminError, create_api_key
 
     try:
         key = create_api_key(args.tenant)
-    except Exception as err:
+    except AdminError as err:
         return fail(f"cannot create a key: {err}", 1)
     print(key)
+    return 0
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from store.admin import AdminError, list_api_keys
+
+    try:
+        keys = list_api_keys(args.tenant)
+    except AdminError as err:
+        return fail(str(err), 1)
+    if not keys:
+        print(f"tenant {args.tenant!r} has no keys", file=sys.stderr)
+        return 0
+    print(f"{'prefix':<10}  {'created':<23}  revoked")
+    for k in keys:
+        print(f"{k.prefix:<10}  {_when(k.created_at):<23}  {_when(k.revoked_at)}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from store.admin import AdminError, revoke_api_keys
+
+    try:
+        (revoked,) = revoke_api_keys(args.prefix, args.tenant)
+    except AdminError as err:
+        return fail(str(err), 1)
+    print(
+        f"revoked key {revoked.prefix}... of tenant {revoked.tenant!r}; the API refuses it within "
+        "LORITA_AUTH_CACHE_SECONDS",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -452,11 +487,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = db_sub.add_parser("upgrade", help="Apply the migrations (alembic upgrade head).")
     q.set_defaults(func=cmd_db_upgrade)
 
-    p = sub.add_parser("keys", help="API keys.")
+    p = sub.add_parser(
+        "keys",
+        help="API keys.",
+        description="API keys, in the database LORITA_DATABASE_URL names (by default the embedded "
+        "./var/lorita.db, relative to the current directory: run these where `lorita serve` runs).",
+    )
     keys_sub = p.add_subparsers(dest="keys_command", required=True)
     q = keys_sub.add_parser("create", help="Create an API key; prints the key alone on stdout.")
     q.add_argument("--tenant", required=True)
     q.set_defaults(func=cmd_keys_create)
+    q = keys_sub.add_parser(
+        "list", help="A tenant's keys (their prefixes, never the keys), revoked ones too."
+    )
+    q.add_argument("--tenant", required=True)
+    q.set_defaults(func=cmd_keys_list)
+    q = keys_sub.add_parser("revoke", help="Revoke the key that starts with KEY_PREFIX (see `keys list`).")
+    q.add_argument("prefix", metavar="KEY_PREFIX", help="The prefix `lorita keys list` shows, or the key.")
+    q.add_argument("--tenant", default=None, help="Only this tenant's keys.")
+    q.set_defaults(func=cmd_keys_revoke)
 
     p = sub.add_parser("submit", help="Submit a job to a running service, follow it, download its artifacts.")
     p.add_argument("config", help="The job config (JSON).")

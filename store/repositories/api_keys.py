@@ -47,10 +47,28 @@ def list_for_tenant(session: Session, tenant_id: str) -> list[ApiKey]:
     return list(session.scalars(stmt))
 
 
-def revoke(session: Session, tenant_id: str, prefix: str) -> int:
-    """Revoke the tenant's keys starting with ``prefix``; returns how many were revoked."""
-    keys = [k for k in list_for_tenant(session, tenant_id) if k.prefix == prefix and k.revoked_at is None]
+def matching(session: Session, prefix_or_key: str, tenant_id: str | None = None) -> list[ApiKey]:
+    """Unrevoked keys that ``prefix_or_key`` names: the start of their shown prefix (as
+    ``lorita keys list`` prints it), or the whole key. Only ``tenant_id``'s keys when given."""
+    if len(prefix_or_key) > SHOWN_PREFIX_CHARS:
+        condition = ApiKey.key_hash == hash_key(prefix_or_key)
+    else:
+        condition = ApiKey.prefix.startswith(prefix_or_key, autoescape=True)
+    stmt = select(ApiKey).where(condition, ApiKey.revoked_at.is_(None))
+    if tenant_id is not None:
+        stmt = stmt.where(ApiKey.tenant_id == tenant_id)
+    return list(session.scalars(stmt.order_by(ApiKey.created_at)))
+
+
+def revoke_keys(session: Session, keys: list[ApiKey]) -> None:
+    now = datetime.now(UTC)
     for k in keys:
-        k.revoked_at = datetime.now(UTC)
+        k.revoked_at = now
     session.flush()
+
+
+def revoke(session: Session, tenant_id: str, prefix: str) -> int:
+    """Revoke the tenant's keys that ``prefix`` names; returns how many were revoked."""
+    keys = matching(session, prefix, tenant_id)
+    revoke_keys(session, keys)
     return len(keys)
