@@ -14,7 +14,9 @@ from api import datasets, health, jobs, models
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.metrics import install_metrics
 from store.artifacts import get_artifact_store
+from store.logging import configure_logging
 from store.settings import Settings, get_settings
 
 # Multipart framing and the form fields ride along with the file: allow them on top of the cap.
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "health", "description": "Probes for orchestrators."},
         ],
     )
+    if settings.log_format is not None:
+        configure_logging(settings.log_format)
     app.state.settings = settings
     app.state.artifact_store = get_artifact_store(settings)
     install_error_handlers(app)
@@ -81,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
+    install_metrics(app, settings)  # outermost: counts every answer, 413s included
     return app
 
 

@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     arch: str = Field(
-        description="A built-in architecture (see core.zoo.ARCHITECTURES) or 'torchvision:<name>'."
+        description="A built-in architecture (see core.zoo.architectures()) or 'torchvision:<name>'."
     )
     num_classes: int | None = Field(
         default=None, ge=2, le=100_000, description="Defaults to the dataset's class count."

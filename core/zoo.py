@@ -10,33 +10,14 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-ARCHITECTURES: tuple[str, ...] = ("fcn", "vgg11", "vgg13", "vgg16", "resnet20", "resnet56", "vit_small")
 TORCHVISION_PREFIX = "torchvision:"
-
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fcn": {"depth": 6, "width": 96, "batchnorm": True},
-    "vgg11": {"width_mult": 1.0},
-    "vgg13": {"width_mult": 1.0},
-    "vgg16": {"width_mult": 1.0},
-    "resnet20": {"width_mult": 1.0},
-    "resnet56": {"width_mult": 1.0},
-    "vit_small": {"patch_size": 4, "dim": 256, "depth": 6, "heads": 8, "mlp_ratio": 2},
-}
-
-_SUMMARIES: dict[str, str] = {
-    "fcn": "fully connected net on flattened inputs; BatchNorm1d + ReLU after each hidden Linear",
-    "vgg11": "CIFAR-style VGG-11 (conv3x3+BN+ReLU), for 32x32 images",
-    "vgg13": "CIFAR-style VGG-13 (conv3x3+BN+ReLU), for 32x32 images",
-    "vgg16": "CIFAR-style VGG-16 (conv3x3+BN+ReLU), for 32x32 images",
-    "resnet20": "CIFAR ResNet-20 (3 stages of 16/32/64 channels, basic blocks)",
-    "resnet56": "CIFAR ResNet-56 (3 stages of 16/32/64 channels, basic blocks)",
-    "vit_small": "small Vision Transformer with plain Linear q/k/v/proj projections",
-}
 
 # "M" is a 2x2 max pool; numbers are conv output channels before width_mult.
 _VGG_CFGS: dict[str, list[int | str]] = {
@@ -44,9 +25,58 @@ _VGG_CFGS: dict[str, list[int | str]] = {
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
 }
-_RESNET_BLOCKS = {"resnet20": 3, "resnet56": 9}
 # torchvision constructors must never fetch weights and num_classes comes from the job.
 _RESERVED_TORCHVISION_OPTIONS = ("weights", "weights_backbone", "num_classes", "progress")
+
+Builder = Callable[[int, tuple[int, ...], dict[str, Any]], nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A built-in architecture: its builder, its options with their defaults, a one-line summary,
+    and options that build a tiny instance of it (for tests and quick trials)."""
+
+    name: str
+    build: Builder
+    defaults: Mapping[str, Any]
+    summary: str
+    tiny: Mapping[str, Any]
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(
+    name: str, *, defaults: Mapping[str, Any], summary: str, tiny: Mapping[str, Any] | None = None
+) -> Callable[[Builder], Builder]:
+    """Register ``build(num_classes, input_shape, options)`` as the architecture ``name``.
+
+    ``options`` reaches the builder with every default filled in and no unknown key; ``tiny``
+    (default: the defaults) overrides some of them to build a small instance. Adding an
+    architecture is one decorated function: ``check_arch``, ``describe_arch``, ``build_model``
+    and the zoo's tests see it at once.
+    """
+    if name in _REGISTRY or name.startswith(TORCHVISION_PREFIX) or not name:
+        raise ValueError(f"architecture name {name!r} is taken or reserved")
+    unknown = set(tiny or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"tiny options {sorted(unknown)} of {name} are not among its options")
+
+    def register(build: Builder) -> Builder:
+        _REGISTRY[name] = ArchSpec(name, build, dict(defaults), summary, {**defaults, **(tiny or {})})
+        return build
+
+    return register
+
+
+def architectures() -> tuple[str, ...]:
+    """The built-in architectures, in the order they were registered."""
+    return tuple(_REGISTRY)
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """The registry entry of a built-in architecture (``check_arch`` first for a person's message)."""
+    return _REGISTRY[arch]
 
 
 @functools.cache
@@ -58,12 +88,12 @@ def torchvision_models() -> tuple[str, ...]:
 
 
 def _choices_text() -> str:
-    return f"{', '.join(ARCHITECTURES)}, or torchvision:<name> (e.g. torchvision:resnet18)"
+    return f"{', '.join(architectures())}, or torchvision:<name> (e.g. torchvision:resnet18)"
 
 
 def check_arch(arch: str) -> None:
     """Raise ValueError (listing the valid choices) unless ``arch`` names a buildable model."""
-    if arch in ARCHITECTURES:
+    if arch in _REGISTRY:
         return
     if arch.startswith(TORCHVISION_PREFIX):
         name = arch[len(TORCHVISION_PREFIX) :]
@@ -76,7 +106,7 @@ def check_arch(arch: str) -> None:
             f"unknown torchvision classification model {name!r}{hint} "
             f"(any of torchvision.models.list_models(module=torchvision.models) works)"
         )
-    hints = difflib.get_close_matches(arch, ARCHITECTURES, n=3, cutoff=0.6)
+    hints = difflib.get_close_matches(arch, architectures(), n=3, cutoff=0.6)
     if arch in torchvision_models():
         hints.insert(0, TORCHVISION_PREFIX + arch)
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
@@ -94,7 +124,8 @@ def describe_arch(arch: str) -> dict[str, Any]:
             "arguments to its constructor; needs 3-channel images",
             "options": {},
         }
-    return {"arch": arch, "kind": "builtin", "summary": _SUMMARIES[arch], "options": dict(_DEFAULTS[arch])}
+    spec = _REGISTRY[arch]
+    return {"arch": arch, "kind": "builtin", "summary": spec.summary, "options": dict(spec.defaults)}
 
 
 def build_model(
@@ -110,30 +141,16 @@ def build_model(
     options = dict(options or {})
     if arch.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(arch[len(TORCHVISION_PREFIX) :], num_classes, input_shape, options)
-    opts = _resolve_options(arch, options)
-    if arch == "fcn":
-        return FCN(
-            math.prod(input_shape),
-            num_classes,
-            depth=_positive_int(opts, "depth"),
-            width=_positive_int(opts, "width"),
-            batchnorm=_bool(opts, "batchnorm"),
-        )
-    channels, height, width = _image_shape(arch, input_shape)
-    if arch in _VGG_CFGS:
-        return VGG(_VGG_CFGS[arch], channels, (height, width), num_classes, _width_mult(opts))
-    if arch in _RESNET_BLOCKS:
-        return CifarResNet(_RESNET_BLOCKS[arch], channels, num_classes, _width_mult(opts))
-    return _build_vit(opts, channels, height, width, num_classes)
+    spec = _REGISTRY[arch]
+    return spec.build(num_classes, input_shape, _resolve_options(spec, options))
 
 
-def _resolve_options(arch: str, options: dict[str, Any]) -> dict[str, Any]:
-    defaults = _DEFAULTS[arch]
-    unknown = sorted(set(options) - set(defaults))
+def _resolve_options(spec: ArchSpec, options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
-        valid = ", ".join(f"{k} (default {v!r})" for k, v in defaults.items())
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {arch}; valid options: {valid}")
-    return {**defaults, **options}
+        valid = ", ".join(f"{k} (default {v!r})" for k, v in spec.defaults.items())
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {spec.name}; valid options: {valid}")
+    return {**spec.defaults, **options}
 
 
 def _positive_int(opts: dict[str, Any], key: str) -> int:
@@ -359,6 +376,82 @@ class ViT(nn.Module):
         tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
         tokens = self.norm(self.blocks(tokens))
         return self.head(tokens[:, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in architectures: one decorated builder each.
+
+_WIDTH = {"width_mult": 1.0}
+_VGG_SUMMARY = "CIFAR-style {} (conv3x3+BN+ReLU), for 32x32 images"
+_RESNET_SUMMARY = "CIFAR {} (3 stages of 16/32/64 channels, basic blocks)"
+
+
+@register_arch(
+    "fcn",
+    defaults={"depth": 6, "width": 96, "batchnorm": True},
+    summary="fully connected net on flattened inputs; BatchNorm1d + ReLU after each hidden Linear",
+    tiny={"depth": 3, "width": 16},
+)
+def _fcn(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return FCN(
+        math.prod(input_shape),
+        num_classes,
+        depth=_positive_int(opts, "depth"),
+        width=_positive_int(opts, "width"),
+        batchnorm=_bool(opts, "batchnorm"),
+    )
+
+
+def _vgg(name: str, num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    channels, height, width = _image_shape(name, input_shape)
+    return VGG(_VGG_CFGS[name], channels, (height, width), num_classes, _width_mult(opts))
+
+
+@register_arch("vgg11", defaults=_WIDTH, summary=_VGG_SUMMARY.format("VGG-11"), tiny={"width_mult": 0.125})
+def _vgg11(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return _vgg("vgg11", num_classes, input_shape, opts)
+
+
+@register_arch("vgg13", defaults=_WIDTH, summary=_VGG_SUMMARY.format("VGG-13"), tiny={"width_mult": 0.125})
+def _vgg13(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return _vgg("vgg13", num_classes, input_shape, opts)
+
+
+@register_arch("vgg16", defaults=_WIDTH, summary=_VGG_SUMMARY.format("VGG-16"), tiny={"width_mult": 0.125})
+def _vgg16(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return _vgg("vgg16", num_classes, input_shape, opts)
+
+
+def _resnet(
+    name: str, blocks: int, num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]
+) -> nn.Module:
+    channels, _, _ = _image_shape(name, input_shape)
+    return CifarResNet(blocks, channels, num_classes, _width_mult(opts))
+
+
+@register_arch(
+    "resnet20", defaults=_WIDTH, summary=_RESNET_SUMMARY.format("ResNet-20"), tiny={"width_mult": 0.25}
+)
+def _resnet20(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return _resnet("resnet20", 3, num_classes, input_shape, opts)
+
+
+@register_arch(
+    "resnet56", defaults=_WIDTH, summary=_RESNET_SUMMARY.format("ResNet-56"), tiny={"width_mult": 0.25}
+)
+def _resnet56(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    return _resnet("resnet56", 9, num_classes, input_shape, opts)
+
+
+@register_arch(
+    "vit_small",
+    defaults={"patch_size": 4, "dim": 256, "depth": 6, "heads": 8, "mlp_ratio": 2},
+    summary="small Vision Transformer with plain Linear q/k/v/proj projections",
+    tiny={"dim": 32, "depth": 1, "heads": 4},
+)
+def _vit_small(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+    channels, height, width = _image_shape("vit_small", input_shape)
+    return _build_vit(opts, channels, height, width, num_classes)
 
 
 def _build_vit(opts: dict[str, Any], channels: int, height: int, width: int, num_classes: int) -> ViT:

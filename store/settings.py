@@ -78,6 +78,56 @@ class Settings(BaseSettings):
         ge=1,
         description="Threads torch may use in a worker's job (unset: torch's default, all cores).",
     )
+    log_format: Literal["text", "json"] | None = Field(
+        default=None,
+        description="'json': one JSON object per log line (with request_id and job_id), 'text': plain "
+        "lines with the ids appended; unset: leave logging as uvicorn and celery set it up.",
+    )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port where a worker serves its Prometheus metrics (/metrics); unset: none.",
+    )
+    max_active_jobs: int = Field(
+        default=100,
+        ge=1,
+        description="Queued plus running jobs one tenant may have; more is 429 with Retry-After.",
+    )
+    max_stored_bytes: int = Field(
+        default=50 * 1024 * MIB,
+        ge=1,
+        description="Bytes of uploads and job outputs one tenant may keep; more is 413 (upload) or "
+        "409 (job), until something is deleted.",
+    )
+    max_job_work: int = Field(
+        default=10**15,
+        gt=0,
+        description="Largest job, as parameters x training samples x epochs (training and "
+        "fine-tuning), checked at submit.",
+    )
+    max_job_input_elements: int = Field(
+        default=5 * 10**9,
+        gt=0,
+        description="Largest input of a job, as samples x values per sample, checked at submit.",
+    )
+    job_wall_seconds: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="Longest run of one attempt of a job; past it the worker stops it and the job "
+        "fails with a message (the slot frees).",
+    )
+    artifact_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Job outputs older than this many days (since the job ended) are deleted by the "
+        "workers' housekeeping; unset: kept until deleted.",
+    )
+    housekeeping_interval: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds between two housekeeping passes of a worker (leftover folders, retention).",
+    )
 
     broker_dir: str = Field(
         default="./var/broker",

@@ -7,27 +7,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.zoo import ARCHITECTURES, Attention, build_model, check_arch, describe_arch
-
-SMALL_OPTIONS: dict[str, dict[str, Any]] = {
-    "fcn": {"depth": 3, "width": 16},
-    "vgg11": {"width_mult": 0.125},
-    "vgg13": {"width_mult": 0.125},
-    "vgg16": {"width_mult": 0.125},
-    "resnet20": {"width_mult": 0.25},
-    "resnet56": {"width_mult": 0.25},
-    "vit_small": {"dim": 32, "depth": 1, "heads": 4},
-}
+from core.zoo import (
+    Attention,
+    arch_spec,
+    architectures,
+    build_model,
+    check_arch,
+    describe_arch,
+    register_arch,
+)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+def small(arch: str) -> dict[str, Any]:
+    return dict(arch_spec(arch).tiny)
+
+
+@pytest.mark.parametrize("arch", architectures())
 @pytest.mark.parametrize("input_shape", [(3, 32, 32), (1, 8, 8)])
 def test_builtin_arch_gives_logits_per_class(arch: str, input_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    model = build_model(arch, 7, input_shape, SMALL_OPTIONS[arch]).eval()
+    model = build_model(arch, 7, input_shape, small(arch)).eval()
     with torch.no_grad():
         out = model(torch.rand(2, *input_shape))
     assert out.shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", architectures())
+def test_every_registered_arch_is_checked_described_and_refuses_unknown_options(arch: str) -> None:
+    check_arch(arch)
+    spec = arch_spec(arch)
+    described = describe_arch(arch)
+    assert (described["kind"], described["summary"], described["options"]) == (
+        "builtin",
+        spec.summary,
+        dict(spec.defaults),
+    )
+    assert spec.summary and set(spec.tiny) == set(spec.defaults)
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) nope for {arch}; valid options"):
+        build_model(arch, 3, (3, 32, 32), {"nope": 1})
+
+
+def test_registering_an_architecture_is_one_decorated_function() -> None:
+    @register_arch("test_linear", defaults={"bias": True}, summary="one Linear on flat inputs")
+    def _linear(num_classes: int, input_shape: tuple[int, ...], opts: dict[str, Any]) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+
+    try:
+        assert "test_linear" in architectures()
+        check_arch("test_linear")
+        assert describe_arch("test_linear")["options"] == {"bias": True}
+        assert build_model("test_linear", 4, (2, 3))(torch.rand(5, 2, 3)).shape == (5, 4)
+        with pytest.raises(ValueError, match="taken or reserved"):
+            register_arch("test_linear", defaults={}, summary="again")
+        with pytest.raises(ValueError, match="taken or reserved"):
+            register_arch("torchvision:mine", defaults={}, summary="reserved prefix")
+    finally:
+        from core import zoo
+
+        zoo._REGISTRY.pop("test_linear", None)
 
 
 def test_fcn_takes_flat_features() -> None:
@@ -50,7 +87,7 @@ def test_fcn_without_batchnorm_has_none() -> None:
 
 
 def test_vit_uses_plain_linear_attention() -> None:
-    model = build_model("vit_small", 10, (3, 32, 32), SMALL_OPTIONS["vit_small"])
+    model = build_model("vit_small", 10, (3, 32, 32), small("vit_small"))
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     assert all(isinstance(getattr(attn, n), nn.Linear) for n in ("q", "k", "v", "proj"))
@@ -126,7 +163,7 @@ def test_torchvision_bad_option_is_value_error() -> None:
 def test_same_seed_gives_same_weights(arch: str) -> None:
     def weights(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
-        return build_model(arch, 10, (3, 32, 32), SMALL_OPTIONS[arch]).state_dict()
+        return build_model(arch, 10, (3, 32, 32), small(arch)).state_dict()
 
     first, again, other = weights(1), weights(1), weights(2)
     assert all(torch.equal(first[k], again[k]) for k in first)
