@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,7 @@ from api.schemas import (
     ResultSummary,
 )
 from core.config import JobConfig
+from core.report import SCHEMA_VERSION, CountChange, JobReport
 from store import references
 from store.models import Job, Result
 from store.repositories import jobs as job_repo
@@ -55,12 +57,18 @@ def job_read(job: Job) -> JobRead:
     return read
 
 
+def _report_ratio(report: dict[str, object], key: str) -> float | None:
+    """``report[key].ratio`` as the job's report states it (None when the report lacks it)."""
+    try:
+        return CountChange.model_validate(report.get(key)).ratio
+    except ValidationError:
+        return None
+
+
 def result_summary(result: Result) -> ResultSummary:
     summary = ResultSummary.model_validate(result, from_attributes=True)
-    if result.params_before and result.params_after is not None:
-        summary.params_ratio = result.params_after / result.params_before
-    if result.flops_before and result.flops_after is not None:
-        summary.flops_ratio = result.flops_after / result.flops_before
+    summary.params_ratio = _report_ratio(result.report, "params")
+    summary.flops_ratio = _report_ratio(result.report, "flops")
     return summary
 
 
@@ -179,8 +187,13 @@ def list_events(
     return JobEventsRead(data=[JobEventRead.model_validate(e) for e in events], count=len(events))
 
 
-@router.get("/{job_id}/report", summary="The report.json of a succeeded job")
-def get_report(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, object]:
+@router.get(
+    "/{job_id}/report",
+    response_model=JobReport,
+    summary="The report.json of a succeeded job",
+    description="Every figure the job measured; its JSON Schema is served at `GET /v1/schemas/report`.",
+)
+def get_report(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobReport:
     job = _job_or_404(session, tenant, job_id)
     if job.status != "succeeded":
         why = f": {job.error}" if job.status == "failed" and job.error else ""
@@ -188,7 +201,15 @@ def get_report(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[
     result = job_repo.get_result(session, job_id)
     if result is None:
         raise AppError(409, f"job {job_id} succeeded but its report is not recorded; contact the operator")
-    return dict(result.report)
+    try:
+        return JobReport.model_validate(result.report)
+    except ValidationError:
+        log.warning("job %s: stored report does not match report schema %d", job_id, SCHEMA_VERSION)
+        raise AppError(
+            409,
+            f"job {job_id}'s report was written in a format this server no longer reads (report schema "
+            f"{SCHEMA_VERSION}); download report.json from GET /v1/jobs/{job_id}/artifacts or rerun the job",
+        ) from None
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead, summary="List a job's files")

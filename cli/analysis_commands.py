@@ -89,11 +89,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
     print(format_report_table(report))
-    chosen = next((p for p in report["pareto"] if p.get("chosen")), None)
+    chosen = report.chosen
     if chosen is not None:
         print(
-            f"chosen after {len(report['pareto'])} evaluations: {chosen['params_fraction']:.3f} of the "
-            f"parameters, {chosen['flops_fraction']:.3f} of the FLOPs"
+            f"chosen after {len(report.pareto)} evaluations: {chosen.params_fraction:.3f} of the "
+            f"parameters, {chosen.flops_fraction:.3f} of the FLOPs"
         )
     print(f"artifacts in {out}", file=sys.stderr)
     return 0

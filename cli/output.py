@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from core.progress import Progress, ProgressFn
+from core.report import JobReport
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -46,38 +47,49 @@ def progress_bar(disable: bool = False) -> Iterator[ProgressFn]:
         bar.close()
 
 
-def _fmt_int(n: Any) -> str:
+def _fmt_int(n: int | None) -> str:
     return f"{int(n):,}" if n is not None else "-"
 
 
-def _fmt_acc(a: Any) -> str:
+def _fmt_acc(a: float | None) -> str:
     return f"{100 * a:.2f}%" if a is not None else "-"
 
 
-def format_report_table(report: dict[str, Any]) -> str:
-    """The before/after table printed at the end of a job."""
+def _ratio(before: float | None, after: float | None) -> str:
+    return f"{after / before:.3f}x" if before and after is not None else "-"
+
+
+def format_report_table(report: JobReport | Mapping[str, Any]) -> str:
+    """The before/after table printed at the end of a job (a report as decoded JSON is validated)."""
+    if not isinstance(report, JobReport):
+        report = JobReport.model_validate(report)
     rows: list[tuple[str, str, str, str]] = []
-
-    def ratio(before: Any, after: Any) -> str:
-        return f"{after / before:.3f}x" if before and after is not None else "-"
-
-    for key, label in (("params", "parameters"), ("flops", "FLOPs (batch 1)")):
-        b, a = report[key]["before"], report[key]["after"]
-        rows.append((label, _fmt_int(b), _fmt_int(a), ratio(b, a)))
-    for split in ("val", "test"):
-        b, a = report["accuracy"][split]["before"], report["accuracy"][split]["after"]
+    for label, count in (("parameters", report.params), ("FLOPs (batch 1)", report.flops)):
+        rows.append((label, _fmt_int(count.before), _fmt_int(count.after), _ratio(count.before, count.after)))
+    for split, acc in (("val", report.accuracy.val), ("test", report.accuracy.test)):
+        b, a = acc.before, acc.after
         diff = f"{100 * (a - b):+.2f} pt" if a is not None and b is not None else "-"
         rows.append((f"{split} accuracy", _fmt_acc(b), _fmt_acc(a), diff))
-    for batch, lat in report.get("latency_ms", {}).items():
+    for batch, lat in report.latency_ms.items():
         rows.append(
             (
                 f"latency ms (batch {batch})",
-                f"{lat['before']:.3f}",
-                f"{lat['after']:.3f}",
-                ratio(lat["before"], lat["after"]),
+                f"{lat.before:.3f}",
+                f"{lat.after:.3f}",
+                _ratio(lat.before, lat.after),
             )
         )
-    factorized = sum(1 for r in report.get("ranks", {}).values() if r.get("factorized"))
+    if report.size_bytes is not None:
+        size = report.size_bytes
+        rows.append(
+            (
+                "weights file bytes",
+                _fmt_int(size.before),
+                _fmt_int(size.after),
+                _ratio(size.before, size.after),
+            )
+        )
+    factorized = sum(1 for r in report.ranks.values() if r.factorized)
     header = ("", "before", "after", "change")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     lines = [
@@ -87,7 +99,5 @@ def format_report_table(report: dict[str, Any]) -> str:
         for r in [header, *rows]
     ]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(
-        f"{factorized} of {len(report.get('ranks', {}))} layers factorized; policy {report['config']['compress']['policy']}"
-    )
+    lines.append(f"{factorized} of {len(report.ranks)} layers factorized; policy {report.policy}")
     return "\n".join(lines)

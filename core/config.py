@@ -214,6 +214,11 @@ class JobConfig(_Strict):
     export: list[ExportFormat] = Field(default_factory=lambda: list(ALL_EXPORTS))
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @property
+    def seed(self) -> int:
+        """The job's seed: the model's init, the validation split, the data order (train.seed; 0 without training)."""
+        return self.train.seed if self.train is not None else 0
+
     @model_validator(mode="after")
     def _needs_weights_without_training(self) -> JobConfig:
         if self.train is None and self.model.weights is None:

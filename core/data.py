@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from core.config import DatasetConfig
+from core.config import ConfigError, DatasetConfig, JobConfig
 
 MAX_SAMPLES = 2_000_000
 MAX_ARRAY_ELEMENTS = 4_000_000_000
@@ -98,6 +98,15 @@ def load_data(cfg: DatasetConfig, seed: int = 0) -> DataBundle:
         is_image=len(input_shape) == 3,
         name=splits.name,
     )
+
+
+def load_job_data(config: JobConfig) -> DataBundle:
+    """The data of a job (its dataset, split by its seed): the one entry point of the pipeline,
+    ``select`` and ``plan``. A :class:`DataError` becomes a ConfigError naming the section."""
+    try:
+        return load_data(config.dataset, seed=config.seed)
+    except DataError as err:
+        raise ConfigError(f"dataset: {err}") from None
 
 
 def stratified_split(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

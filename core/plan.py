@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from core.config import ConfigError, JobConfig
+from core.config import JobConfig
 
 FLOAT32_BYTES = 4
 
@@ -147,14 +147,10 @@ def _numel(shape: Sequence[int]) -> int:
 
 def plan_job(config: JobConfig) -> Plan:
     """The plan of a job config: builds the model for the config's data, trains nothing."""
-    from core.data import DataError, load_data
-    from core.pipeline import build
+    from core.data import load_job_data
+    from core.stages import build, layer_space
 
-    seed = config.train.seed if config.train else 0
-    try:
-        data = load_data(config.dataset, seed=seed)
-    except DataError as err:
-        raise ConfigError(f"dataset: {err}") from None
+    data = load_job_data(config)
     model = build(config, data)
     tcfg = config.train
     plan = plan_model(
@@ -168,11 +164,11 @@ def plan_job(config: JobConfig) -> Plan:
     )
     plan.num_classes = config.model.num_classes or data.num_classes
     plan.arch = config.model.arch
-    if tcfg is not None and tcfg.composition == "auto" and tcfg.factors >= 2:
-        from core.lorita import cheaper_in_layer_space, find_targets
+    if tcfg is not None:
+        from core.lorita import find_targets
 
         targets = find_targets(model, tcfg.include, tcfg.exclude)
-        chains = set(cheaper_in_layer_space(model, targets, data.input_shape, tcfg.batch_size, tcfg.factors))
+        chains = set(layer_space(model, targets, data.input_shape, tcfg))
         for lp, t in zip(plan.layers, targets, strict=True):
             if lp.composed and t.module in chains:
                 lp.space = "layer"

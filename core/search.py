@@ -1,7 +1,8 @@
 """Data-driven rank selection: accuracy, parameter and FLOP budgets.
 
 ``choose(policy, spectra, other_params, other_flops, evaluate)`` returns the ranks a policy
-asks for and every point evaluated on the way (the Pareto curve of the report).
+asks for and every point evaluated on the way (:class:`EvaluatedPoint`, the Pareto curve of
+the report).
 
 - The SVDs are given (``spectra``); a candidate only slices them, so a search costs one
   forward pass over the validation split per candidate and no SVD at all.
@@ -11,33 +12,52 @@ asks for and every point evaluated on the way (the Pareto curve of the report).
 - The dense reference is measured (``evaluate`` at full rank, one evaluation), never assumed.
 
 Accuracy budget: a bisection over the distinct models a global threshold on the pooled
-normalized singular values can produce (their size is monotone in the threshold), then a
-greedy per-layer refinement: lower one layer's rank by a step (a quarter of its rank), the
-largest parameter saving first, and keep it while the budget holds; a failed step is halved
-and a layer is frozen when its step falls below one rank. At most
-``max_evals`` evaluations in total.
+allocation scores can produce (their size is monotone in the threshold), then a greedy
+per-layer refinement: lower one layer's rank by a step (a quarter of its rank), the largest
+parameter saving first, and keep it while the budget holds; a failed step is halved and a
+layer is frozen when its step falls below one rank. At most ``max_evals`` evaluations.
 
-Parameter / FLOP budget: the global threshold that just fits (``svt.ranks_under_budget``)
-is the start; nearby settings that also fit are tried by weighting one layer's normalized
-singular values by 2 or 1/2 before re-fitting the threshold, keeping a change when the
-validation accuracy improves.
+Cost budget (parameters, FLOPs): the global threshold that just fits
+(:func:`core.svt.ranks_under_budget`) is the start; nearby settings that also fit are tried
+by weighting one layer's scores by 2 or 1/2 before re-fitting the threshold, keeping a change
+when the validation accuracy improves.
+
+Where new strategies plug in:
+
+- **Rank allocation** (how singular values of different layers compare): an
+  :class:`Importance` gives each singular value a score; every threshold the searches move
+  is a threshold on those scores. The default is :class:`NormalizedSingularValues`
+  (``sigma_i / sigma_1`` per layer). A new allocator (e.g. one measuring each layer's
+  sensitivity on the validation split) is a class with that one ``__call__``, chosen in
+  :func:`importance_for` from the policy.
+- **Cost** (what a budget limits): a :class:`Cost` maps ranks to a number that never grows
+  when a rank falls. A new budget policy (e.g. latency) adds its ``case`` in :func:`choose`
+  calling :func:`search_cost_budget` with its own ``Cost``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, NamedTuple, Protocol, assert_never
 
 import torch
 
 from core import svt
-from core.config import ConfigError
-from core.svt import Ranks, Spectrum
+from core.config import (
+    AccuracyBudgetPolicy,
+    CompressConfig,
+    EnergyPolicy,
+    FlopsBudgetPolicy,
+    GlobalPolicy,
+    NonePolicy,
+    ParamsBudgetPolicy,
+    UniformPolicy,
+)
+from core.svt import Ranks, Scores, Spectrum
 
 Evaluate = Callable[[Ranks], float]
-Point = dict[str, Any]
 
 # Comparisons of accuracies are made with this slack so that float noise in a budget such
 # as ``ref - 0.01`` never flips a decision.
@@ -46,8 +66,49 @@ _EPS = 1e-9
 REFINE_STEP = 0.25
 
 
-class BudgetError(ConfigError):
+class SearchError(Exception):
+    """A rank search that cannot do what its policy asks; the message says what to change."""
+
+
+class BudgetError(SearchError):
     """A budget no setting of the policy can meet; the message says what is possible."""
+
+
+# ---------------------------------------------------------------------------------------
+# Plug-in points: rank allocation and cost
+# ---------------------------------------------------------------------------------------
+
+
+class Importance(Protocol):
+    """A rank-allocation strategy: how singular values of different layers compare.
+
+    Returns, per layer of ``spectra``, one score per singular value, non-increasing along the
+    layer (index 0 scores the largest singular value). A global threshold ``t`` keeps, in
+    every layer, the values scored ``>= t`` (at least one): the searches only move ``t``
+    (and, for the cost budgets, per-layer weights on the scores).
+    """
+
+    def __call__(self, spectra: Mapping[str, Spectrum]) -> Scores: ...
+
+
+class NormalizedSingularValues:
+    """The default allocation: each layer's singular values divided by its largest."""
+
+    def __call__(self, spectra: Mapping[str, Spectrum]) -> Scores:
+        return svt.normalized_scores(spectra)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a budget limits: ``of(ranks)`` never grows when a rank falls."""
+
+    name: str  # in messages: "params", "flops", ...
+    of: Callable[[Mapping[str, int]], float]
+
+
+def importance_for(policy: CompressConfig) -> Importance:
+    """The allocation a policy uses (one place to select another allocator from the config)."""
+    return NormalizedSingularValues()
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,17 +117,74 @@ class BudgetError(ConfigError):
 
 
 @dataclass
+class EvaluatedPoint:
+    """One rank setting evaluated on the validation split: a point of the Pareto curve.
+
+    ``ranks`` are effective (a layer whose thin pair would not save keeps its full rank).
+    The label fields say which step of the policy proposed it: ``threshold`` (a global
+    threshold on the allocation scores), ``step`` / ``layer`` / ``weight`` (refinement and
+    variant steps). ``within_budget`` is set for the budget policies.
+    """
+
+    stage: str
+    ranks: Ranks
+    params: int
+    flops: int
+    params_fraction: float
+    flops_fraction: float
+    val_accuracy: float
+    evaluation: int
+    chosen: bool = False
+    within_budget: bool | None = None
+    threshold: float | None = None
+    step: int | None = None
+    layer: str | None = None
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    """What proposed a point (see :class:`EvaluatedPoint`)."""
+
+    stage: str
+    threshold: float | None = None
+    step: int | None = None
+    layer: str | None = None
+    weight: float | None = None
+
+
+class SearchResult(NamedTuple):
+    """The chosen (effective) ranks and every point evaluated, in order; unpacks as a pair."""
+
+    ranks: Ranks
+    points: list[EvaluatedPoint]
+
+    @property
+    def chosen(self) -> EvaluatedPoint:
+        return next(p for p in self.points if p.chosen)
+
+    @property
+    def reference(self) -> EvaluatedPoint:
+        """The dense model's point: every policy evaluates it first."""
+        return self.points[0]
+
+
+@dataclass
 class _Search:
-    """Evaluations with a cache by effective ranks, a budget of calls, and the Pareto points."""
+    """Evaluations with a cache by effective ranks, a budget of calls, and the Pareto points.
+
+    ``judge`` (when set) decides ``within_budget`` of every new point.
+    """
 
     spectra: Mapping[str, Spectrum]
     other_params: int
     other_flops: int
     evaluate: Evaluate
     max_evals: int
+    judge: Callable[[EvaluatedPoint], bool] | None = None
     calls: int = 0
-    points: list[Point] = field(default_factory=list)
-    _cache: dict[tuple[int, ...], Point] = field(default_factory=dict)
+    points: list[EvaluatedPoint] = field(default_factory=list)
+    _cache: dict[tuple[int, ...], EvaluatedPoint] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         full = self.full_ranks()
@@ -76,11 +194,8 @@ class _Search:
     def full_ranks(self) -> Ranks:
         return {k: sp.full_rank for k, sp in self.spectra.items()}
 
-    def effective(self, ranks: Mapping[str, int]) -> Ranks:
-        return svt.effective_ranks(self.spectra, ranks)
-
     def key(self, ranks: Mapping[str, int]) -> tuple[int, ...]:
-        eff = self.effective(ranks)
+        eff = svt.effective_ranks(self.spectra, ranks)
         return tuple(eff[k] for k in self.spectra)
 
     def params(self, ranks: Mapping[str, int]) -> int:
@@ -90,48 +205,55 @@ class _Search:
         return svt.flops_of(self.spectra, ranks, self.other_flops)
 
     @property
-    def left(self) -> int:
+    def evaluations_remaining(self) -> int:
         return self.max_evals - self.calls
 
-    def known(self, ranks: Mapping[str, int]) -> Point | None:
+    def known(self, ranks: Mapping[str, int]) -> EvaluatedPoint | None:
         return self._cache.get(self.key(ranks))
 
     def can_evaluate(self, ranks: Mapping[str, int]) -> bool:
-        return self.known(ranks) is not None or self.left > 0
+        return self.known(ranks) is not None or self.evaluations_remaining > 0
 
-    def point(self, ranks: Mapping[str, int], label: dict[str, Any]) -> Point:
+    def point(self, ranks: Mapping[str, int], label: Label) -> EvaluatedPoint:
         """The evaluated point of ``ranks`` (from the cache when the same model was seen)."""
-        key = self.key(ranks)
-        hit = self._cache.get(key)
+        hit = self.known(ranks)
         if hit is not None:
             return hit
-        if self.left <= 0:
+        if self.evaluations_remaining <= 0:
             raise RuntimeError("evaluation budget exhausted")  # callers check can_evaluate first
-        eff = self.effective(ranks)
+        eff = svt.effective_ranks(self.spectra, ranks)
         self.calls += 1
         acc = float(self.evaluate(dict(eff)))
         params, flops = self.params(eff), self.flops(eff)
-        point: Point = {
-            **label,
-            "params": params,
-            "flops": flops,
-            "params_fraction": params / self.dense_params if self.dense_params else 1.0,
-            "flops_fraction": flops / self.dense_flops if self.dense_flops else 1.0,
-            "val_accuracy": acc,
-            "ranks": eff,
-            "evaluation": self.calls,
-            "chosen": False,
-        }
-        self._cache[key] = point
+        point = EvaluatedPoint(
+            stage=label.stage,
+            ranks=eff,
+            params=params,
+            flops=flops,
+            params_fraction=params / self.dense_params if self.dense_params else 1.0,
+            flops_fraction=flops / self.dense_flops if self.dense_flops else 1.0,
+            val_accuracy=acc,
+            evaluation=self.calls,
+            threshold=label.threshold,
+            step=label.step,
+            layer=label.layer,
+            weight=label.weight,
+        )
+        if self.judge is not None:
+            point.within_budget = self.judge(point)
+        self._cache[self.key(eff)] = point
         self.points.append(point)
         return point
 
-    def finish(self, ranks: Mapping[str, int]) -> tuple[Ranks, list[Point]]:
+    def reference(self) -> EvaluatedPoint:
+        return self.point(self.full_ranks(), Label("reference", threshold=0.0))
+
+    def finish(self, ranks: Mapping[str, int]) -> SearchResult:
         chosen = self.known(ranks)
         assert chosen is not None, "the chosen setting must have been evaluated"
         for p in self.points:
-            p["chosen"] = p is chosen
-        return dict(chosen["ranks"]), self.points
+            p.chosen = p is chosen
+        return SearchResult(dict(chosen.ranks), self.points)
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,22 +261,25 @@ class _Search:
 # ---------------------------------------------------------------------------------------
 
 
-def threshold_ladder(spectra: Mapping[str, Spectrum]) -> list[tuple[float, Ranks]]:
+def threshold_ladder(
+    spectra: Mapping[str, Spectrum], scores: Scores | None = None
+) -> list[tuple[float, Ranks]]:
     """Every distinct model a global threshold can build, from the dense one to the smallest.
 
-    Each entry is ``(threshold, effective ranks)``; ``svt.ranks_threshold(spectra, threshold)``
-    builds that model. Thresholds run over the pooled normalized singular values, so the
-    parameters and FLOPs fall monotonically along the list. Consecutive thresholds that
-    build the same model (only dense layers moved) are merged.
+    Each entry is ``(threshold, effective ranks)``; ``svt.ranks_at(scores, threshold)``
+    builds that model (``scores`` default to the normalized singular values). Thresholds run
+    over the pooled scores, so the parameters and FLOPs fall monotonically along the list.
+    Consecutive thresholds that build the same model (only dense layers moved) are merged.
     """
     names = list(spectra)
     if not names:
         return [(0.0, {})]
-    thresholds = torch.unique(svt.pooled_normalized(spectra))  # ascending: most kept first
+    scores = scores if scores is not None else svt.normalized_scores(spectra)
+    thresholds = torch.unique(torch.cat([scores[k] for k in names]))  # ascending: most kept first
     columns = []
     for name in names:
         sp = spectra[name]
-        asc = sp.normalized.flip(0).contiguous()
+        asc = scores[name].flip(0).contiguous()
         kept = asc.numel() - torch.searchsorted(asc, thresholds, side="left")
         kept = kept.clamp(min=1)
         saves = (kept < sp.full_rank) & (kept * (sp.m + sp.n) < sp.m * sp.n)
@@ -208,28 +333,28 @@ def search_accuracy_budget(
     max_rel_drop: float | None = None,
     max_evals: int = 20,
     refine: bool = True,
-) -> tuple[Ranks, list[Point]]:
+    importance: Importance | None = None,
+) -> SearchResult:
     """The smallest model whose validation accuracy is within the budget of the dense one's."""
     s = _Search(spectra, other_params, other_flops, evaluate, max_evals)
-    reference = s.point(s.full_ranks(), {"stage": "reference", "threshold": 0.0})
-    target = accuracy_target(reference["val_accuracy"], max_drop, max_rel_drop)
+    reference = s.reference()
+    target = accuracy_target(reference.val_accuracy, max_drop, max_rel_drop)
 
-    def meets(p: Point) -> bool:
-        return bool(p["val_accuracy"] >= target - _EPS)
+    def meets(p: EvaluatedPoint) -> bool:
+        return p.val_accuracy >= target - _EPS
 
-    for p in s.points:
-        p["within_budget"] = meets(p)
+    s.judge = meets
+    reference.within_budget = meets(reference)
 
     # Bisection: ladder[lo] meets the budget (lo = 0 is the dense model); ``hi`` is the first
     # index known to fail (len(ladder) when none is known yet).
-    ladder = threshold_ladder(spectra)
+    scores = (importance or NormalizedSingularValues())(spectra)
+    ladder = threshold_ladder(spectra, scores)
     lo, hi = 0, len(ladder)
-    while hi - lo > 1 and s.left > 0:
+    while hi - lo > 1 and s.evaluations_remaining > 0:
         mid = (lo + hi) // 2
         threshold, ranks = ladder[mid]
-        p = s.point(ranks, {"stage": "bisection", "threshold": threshold})
-        p["within_budget"] = meets(p)
-        if p["within_budget"]:
+        if s.point(ranks, Label("bisection", threshold=threshold)).within_budget:
             lo = mid
         else:
             hi = mid
@@ -261,10 +386,9 @@ def search_accuracy_budget(
             known = s.known(trial)
             if known is None:
                 count += 1
-                known = s.point(trial, {"stage": "refine", "step": count, "layer": name})
-                known["within_budget"] = meets(known)
-            if known["within_budget"]:
-                current = dict(known["ranks"])
+                known = s.point(trial, Label("refine", step=count, layer=name))
+            if known.within_budget:
+                current = dict(known.ranks)
             else:
                 steps[name] //= 2
                 if steps[name] == 0:
@@ -273,37 +397,8 @@ def search_accuracy_budget(
 
 
 # ---------------------------------------------------------------------------------------
-# Parameter / FLOP budget
+# Cost budgets: parameters, FLOPs (and any other cost)
 # ---------------------------------------------------------------------------------------
-
-
-def _weighted_fit(
-    spectra: Mapping[str, Spectrum],
-    weights: Mapping[str, float],
-    cost: Callable[[Mapping[str, int]], int],
-    limit: int,
-) -> Ranks | None:
-    """The most singular values a global threshold on ``weight * normalized`` keeps within ``limit``.
-
-    None when even one value per layer does not fit.
-    """
-    names = list(spectra)
-    scaled = {k: spectra[k].normalized * weights.get(k, 1.0) for k in names}
-    candidates = torch.unique(torch.cat([scaled[k] for k in names])).flip(0)  # descending
-
-    def ranks_at(t: float) -> Ranks:
-        return {k: max(1, int((scaled[k] >= t).sum())) for k in names}
-
-    lo, hi, best = 0, candidates.numel() - 1, -1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if cost(ranks_at(float(candidates[mid]))) <= limit:
-            best, lo = mid, mid + 1
-        else:
-            hi = mid - 1
-    if best < 0:
-        return None
-    return ranks_at(float(candidates[best]))
 
 
 def search_cost_budget(
@@ -312,58 +407,62 @@ def search_cost_budget(
     other_flops: int,
     evaluate: Evaluate,
     *,
-    cost: str,
+    cost: Literal["params", "flops"] | Cost,
     budget: float,
     max_evals: int = 20,
-) -> tuple[Ranks, list[Point]]:
-    """The most accurate setting found whose ``cost`` ("params" or "flops") fits the budget."""
-    if cost not in ("params", "flops"):
-        raise ValueError(f"cost must be 'params' or 'flops', got {cost!r}")
+    importance: Importance | None = None,
+) -> SearchResult:
+    """The most accurate setting found whose cost fits ``budget`` x the dense model's cost."""
     s = _Search(spectra, other_params, other_flops, evaluate, max_evals)
-    measure = s.params if cost == "params" else s.flops
-    dense = s.dense_params if cost == "params" else s.dense_flops
+    if isinstance(cost, Cost):
+        measure = cost
+    elif cost in ("params", "flops"):
+        measure = Cost(cost, s.params if cost == "params" else s.flops)
+    else:
+        raise ValueError(f"cost must be 'params', 'flops' or a Cost, got {cost!r}")
+    dense = measure.of(s.full_ranks())
     limit = math.floor(budget * dense)
-    other = other_params if cost == "params" else other_flops
 
-    reference = s.point(s.full_ranks(), {"stage": "reference", "threshold": 0.0})
-    reference["within_budget"] = measure(reference["ranks"]) <= limit
-    start_ranks, threshold = svt.ranks_under_budget(spectra, cost, limit, other)
-    if measure(start_ranks) > limit:
-        smallest = {k: 1 for k in spectra}
+    s.judge = lambda p: measure.of(p.ranks) <= limit
+    reference = s.reference()
+    scores = (importance or NormalizedSingularValues())(spectra)
+    fit = svt.ranks_under_budget(scores, measure.of, limit)
+    if fit is None:
+        smallest = measure.of({k: 1 for k in spectra})
         raise BudgetError(
-            f"{cost}_budget {budget:g} cannot be met: the smallest model this policy builds "
-            f"(rank 1 in every layer) has {measure(smallest):,} {cost}, "
-            f"{measure(smallest) / dense:.1%} of the dense model's {dense:,}; raise the budget"
+            f"{measure.name}_budget {budget:g} cannot be met: the smallest model this policy builds "
+            f"(rank 1 in every layer) has {smallest:,} {measure.name}, "
+            f"{smallest / dense:.1%} of the dense model's {dense:,}; raise the budget"
         )
-    if reference["within_budget"]:  # the budget allows the dense model
-        return s.finish(reference["ranks"])
+    start_ranks, threshold = fit
+    if reference.within_budget:  # the budget allows the dense model
+        return s.finish(reference.ranks)
     if not s.can_evaluate(start_ranks):
-        return s.finish(reference["ranks"])  # pragma: no cover - max_evals >= 2 by schema
-    best = s.point(start_ranks, {"stage": "start", "threshold": threshold})
-    best["within_budget"] = True
+        return s.finish(reference.ranks)  # pragma: no cover - max_evals >= 2 by schema
+    best = s.point(start_ranks, Label("start", threshold=threshold))
 
-    # Coordinate search over per-layer weights of the normalized singular values.
+    # Coordinate search over per-layer weights of the scores.
     weights = {k: 1.0 for k in spectra}
     order = sorted(spectra, key=lambda k: -spectra[k].dense_params())
     step = 0
     improved = True
-    while improved and s.left > 0:
+    while improved and s.evaluations_remaining > 0:
         improved = False
         for name in order:
             for factor in (2.0, 0.5):
-                if s.left <= 0:
+                if s.evaluations_remaining <= 0:
                     break
                 trial_weights = {**weights, name: weights[name] * factor}
-                trial = _weighted_fit(spectra, trial_weights, measure, limit)
-                if trial is None or s.known(trial) is not None:
+                weighted = {k: v * trial_weights[k] for k, v in scores.items()}
+                trial_fit = svt.ranks_under_budget(weighted, measure.of, limit)
+                if trial_fit is None or s.known(trial_fit[0]) is not None:
                     continue
                 step += 1
-                p = s.point(trial, {"stage": "variant", "step": step, "layer": name, "weight": factor})
-                p["within_budget"] = True
-                if p["val_accuracy"] > best["val_accuracy"] + _EPS:
+                p = s.point(trial_fit[0], Label("variant", step=step, layer=name, weight=factor))
+                if p.val_accuracy > best.val_accuracy + _EPS:
                     best, weights, improved = p, trial_weights, True
                     break
-    return s.finish(best["ranks"])
+    return s.finish(best.ranks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,79 +472,64 @@ def search_cost_budget(
 
 def _fixed(
     ranks: Ranks,
-    label: dict[str, Any],
+    label: Label,
     spectra: Mapping[str, Spectrum],
     other_params: int,
     other_flops: int,
     evaluate: Evaluate,
-) -> tuple[Ranks, list[Point]]:
+) -> SearchResult:
     s = _Search(spectra, other_params, other_flops, evaluate, max_evals=2)
-    s.point(s.full_ranks(), {"stage": "reference", "threshold": 0.0})
+    s.reference()
     s.point(ranks, label)
     return s.finish(ranks)
 
 
 def choose(
-    policy: Any,
+    policy: CompressConfig,
     spectra: Mapping[str, Spectrum],
     other_params: int,
     other_flops: int,
     evaluate: Evaluate,
-) -> tuple[Ranks, list[Point]]:
+) -> SearchResult:
     """The ranks ``policy`` asks for and every point evaluated (see the module docstring).
 
     ``other_params`` / ``other_flops`` count what is not in ``spectra`` (biases, norms, ...).
-    Each point: ``stage``, ``threshold`` or ``step``, ``params``, ``flops``,
-    ``params_fraction``, ``flops_fraction``, ``val_accuracy``, ``ranks`` (effective, per
-    layer), ``chosen`` and, for the budget policies, ``within_budget``.
+    The first point is always the dense reference; exactly one point is ``chosen``.
+    Raises :class:`SearchError` when the policy cannot be met.
     """
-    name = policy.policy
-    if name == "accuracy_budget":
-        return search_accuracy_budget(
-            spectra,
-            other_params,
-            other_flops,
-            evaluate,
-            max_drop=policy.max_drop,
-            max_rel_drop=policy.max_rel_drop,
-            max_evals=policy.max_evals,
-            refine=policy.refine,
-        )
-    if name in ("params_budget", "flops_budget"):
-        return search_cost_budget(
-            spectra,
-            other_params,
-            other_flops,
-            evaluate,
-            cost="params" if name == "params_budget" else "flops",
-            budget=policy.budget,
-            max_evals=policy.max_evals,
-        )
-    full = {k: sp.full_rank for k, sp in spectra.items()}
-    if name == "none":
-        ranks, label = full, {"stage": "none", "threshold": 0.0}
-    elif name == "uniform":
-        ranks, label = svt.ranks_uniform(spectra, policy.keep), {"stage": "uniform", "step": 0}
-    elif name == "global":
-        ranks = svt.ranks_global(spectra, policy.keep)
-        pooled = svt.pooled_normalized(spectra)
-        count = max(1, math.ceil(policy.keep * pooled.numel() - 1e-9)) if pooled.numel() else 0
-        threshold = float(pooled[count - 1]) if count else 0.0
-        label = {"stage": "global", "threshold": threshold}
-    elif name == "energy":
-        ranks, label = svt.ranks_energy(spectra, policy.energy), {"stage": "energy", "step": 0}
-    else:
-        raise ConfigError(f"unknown policy {name!r}")
+    match policy:
+        case AccuracyBudgetPolicy():
+            return search_accuracy_budget(
+                spectra,
+                other_params,
+                other_flops,
+                evaluate,
+                max_drop=policy.max_drop,
+                max_rel_drop=policy.max_rel_drop,
+                max_evals=policy.max_evals,
+                refine=policy.refine,
+                importance=importance_for(policy),
+            )
+        case ParamsBudgetPolicy() | FlopsBudgetPolicy():
+            return search_cost_budget(
+                spectra,
+                other_params,
+                other_flops,
+                evaluate,
+                cost="params" if policy.policy == "params_budget" else "flops",
+                budget=policy.budget,
+                max_evals=policy.max_evals,
+                importance=importance_for(policy),
+            )
+        case NonePolicy():
+            ranks, label = {k: sp.full_rank for k, sp in spectra.items()}, Label("none", threshold=0.0)
+        case UniformPolicy():
+            ranks, label = svt.ranks_uniform(spectra, policy.keep), Label("uniform", step=0)
+        case GlobalPolicy():
+            ranks, threshold = svt.ranks_global(spectra, policy.keep)
+            label = Label("global", threshold=threshold)
+        case EnergyPolicy():
+            ranks, label = svt.ranks_energy(spectra, policy.energy), Label("energy", step=0)
+        case _:
+            assert_never(policy)
     return _fixed(ranks, label, spectra, other_params, other_flops, evaluate)
-
-
-def edge_points(points: Sequence[Point]) -> tuple[Point | None, Point | None]:
-    """The chosen point and the most aggressive bisection point that failed right above it."""
-    chosen = next((p for p in points if p.get("chosen")), None)
-    failed = [
-        p
-        for p in points
-        if p.get("stage") == "bisection" and not p.get("within_budget") and chosen is not None
-    ]
-    above = min(failed, key=lambda p: p["threshold"], default=None)
-    return chosen, above

@@ -128,9 +128,26 @@ def ranks_uniform(spectra: Mapping[str, Spectrum], keep: float) -> Ranks:
     return {k: max(1, math.ceil(keep * sp.full_rank - 1e-9)) for k, sp in spectra.items()}
 
 
+Scores = dict[str, torch.Tensor]
+
+
+def normalized_scores(spectra: Mapping[str, Spectrum]) -> Scores:
+    """Per layer, its singular values divided by its largest: the default allocation score."""
+    return {k: sp.normalized for k, sp in spectra.items()}
+
+
+def ranks_at(scores: Mapping[str, torch.Tensor], threshold: float) -> Ranks:
+    """Keep, per layer, the values scored >= ``threshold`` (at least one).
+
+    ``scores`` are non-increasing along each layer (index 0 scores the largest singular value),
+    so the kept values are always a layer's leading ones.
+    """
+    return {k: max(1, int((s >= threshold).sum())) for k, s in scores.items()}
+
+
 def ranks_threshold(spectra: Mapping[str, Spectrum], threshold: float) -> Ranks:
     """Keep every normalized singular value >= ``threshold`` (at least one per layer)."""
-    return {k: max(1, int((sp.normalized >= threshold).sum())) for k, sp in spectra.items()}
+    return ranks_at(normalized_scores(spectra), threshold)
 
 
 def pooled_normalized(spectra: Mapping[str, Spectrum]) -> torch.Tensor:
@@ -140,13 +157,17 @@ def pooled_normalized(spectra: Mapping[str, Spectrum]) -> torch.Tensor:
     return torch.cat([sp.normalized for sp in spectra.values()]).sort(descending=True).values
 
 
-def ranks_global(spectra: Mapping[str, Spectrum], keep: float) -> Ranks:
-    """Keep the largest ``keep`` fraction of all per-layer-normalized singular values."""
+def ranks_global(spectra: Mapping[str, Spectrum], keep: float) -> tuple[Ranks, float]:
+    """Keep the largest ``keep`` fraction of all per-layer-normalized singular values.
+
+    Returns the ranks and the threshold on the normalized values that keeps them.
+    """
     pooled = pooled_normalized(spectra)
     if pooled.numel() == 0:
-        return {}
+        return {}, 0.0
     count = max(1, math.ceil(keep * pooled.numel() - 1e-9))
-    return ranks_threshold(spectra, float(pooled[count - 1]))
+    threshold = float(pooled[count - 1])
+    return ranks_threshold(spectra, threshold), threshold
 
 
 def ranks_energy(spectra: Mapping[str, Spectrum], energy: float) -> Ranks:
@@ -173,28 +194,32 @@ def flops_of(spectra: Mapping[str, Spectrum], ranks: Mapping[str, int], other: i
 
 
 def ranks_under_budget(
-    spectra: Mapping[str, Spectrum], cost: str, limit: int, other: int
-) -> tuple[Ranks, float]:
-    """The lowest global threshold (most singular values kept) whose cost is at most ``limit``.
+    scores: Mapping[str, torch.Tensor], cost: Callable[[Ranks], float], limit: float
+) -> tuple[Ranks, float] | None:
+    """The lowest global threshold on ``scores`` (most values kept) whose ``cost`` is at most ``limit``.
 
-    ``cost`` is "params" or "flops"; the cost is monotone in the threshold, so a binary
-    search over the pooled normalized singular values finds the edge exactly. Returns the
-    ranks and the threshold. If even one value per layer exceeds the limit, that (the
-    smallest model the policy can make) is returned.
+    ``cost`` maps ranks to the model's cost (parameters, FLOPs, ...) and never grows when a
+    rank falls, so the cost is monotone in the threshold and a binary search over the pooled
+    scores finds the edge exactly. Returns the ranks and the threshold, or None when even
+    one value per layer (the smallest model a threshold builds) costs more than ``limit``.
+    This is the one budget-fitting routine: the budget searches call it with the default
+    scores (:func:`normalized_scores`) or with per-layer weighted ones.
     """
-    measure = params_of if cost == "params" else flops_of
-    pooled = pooled_normalized(spectra)
-    candidates = torch.unique(pooled).flip(0)  # descending thresholds, fewest kept first
-    lo, hi = 0, candidates.numel() - 1  # find the last index (most kept) that fits
-    best = 0
+    names = list(scores)
+    if not names:
+        return ({}, 1.0) if cost({}) <= limit else None
+    candidates = torch.unique(torch.cat([scores[k] for k in names])).flip(0)  # descending
+    lo, hi, best = 0, candidates.numel() - 1, -1  # the last index (most kept) that fits
     while lo <= hi:
         mid = (lo + hi) // 2
-        if measure(spectra, ranks_threshold(spectra, float(candidates[mid])), other) <= limit:
+        if cost(ranks_at(scores, float(candidates[mid]))) <= limit:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    threshold = float(candidates[best]) if candidates.numel() else 1.0
-    return ranks_threshold(spectra, threshold), threshold
+    if best < 0:
+        return None
+    threshold = float(candidates[best])
+    return ranks_at(scores, threshold), threshold
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,7 +277,11 @@ def rank_table(spectra: Mapping[str, Spectrum], ranks: Mapping[str, int]) -> dic
 
 def effective_ranks(spectra: Mapping[str, Spectrum], ranks: Mapping[str, int]) -> Ranks:
     """Ranks as they take effect: a layer that stays dense keeps its full rank."""
-    return {k: int(v["kept_rank"]) for k, v in rank_table(spectra, ranks).items()}  # type: ignore[call-overload]
+    out: Ranks = {}
+    for k, sp in spectra.items():
+        rank = int(ranks.get(k, sp.full_rank))
+        out[k] = rank if sp.factorizes(rank) else sp.full_rank
+    return out
 
 
 def count_above(spectra: Mapping[str, Spectrum], threshold: float) -> int:

@@ -21,6 +21,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.report import JobReport
 from store.models import Artifact, Job, JobEvent, Result, utcnow
 from store.status import JobStatus
 
@@ -197,45 +198,21 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(value)
 
 
-def _get(mapping: Any, *path: Any) -> Any:
-    for key in path:
-        if not isinstance(mapping, Mapping):
-            return None
-        if key in mapping:
-            mapping = mapping[key]
-        elif str(key) in mapping:
-            mapping = mapping[str(key)]
-        else:
-            return None
-    return mapping
-
-
-def _result_row(job_id: str, report: Mapping[str, Any], now: datetime) -> Result:
-    def num(*path: Any) -> Any:
-        value = _get(report, *path)
-        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-    def integer(*path: Any) -> int | None:
-        value = num(*path)
-        return None if value is None else int(value)
-
-    ranks = _get(report, "ranks")
+def _result_row(job_id: str, report: JobReport, now: datetime) -> Result:
+    """The figures of ``report`` the API lists without reading the whole report."""
     return Result(
         job_id=job_id,
-        params_before=integer("params", "before"),
-        params_after=integer("params", "after"),
-        flops_before=integer("flops", "before"),
-        flops_after=integer("flops", "after"),
-        val_accuracy_before=num("accuracy", "val", "before"),
-        val_accuracy_after=num("accuracy", "val", "after"),
-        test_accuracy_before=num("accuracy", "test", "before"),
-        test_accuracy_after=num("accuracy", "test", "after"),
-        latency_ms={
-            str(b): {"before": num("latency_ms", b, "before"), "after": num("latency_ms", b, "after")}
-            for b in (_get(report, "latency_ms") or {})
-        },
-        ranks=ranks if isinstance(ranks, dict) else {"layers": ranks} if ranks is not None else {},
-        report=dict(report),
+        params_before=report.params.before,
+        params_after=report.params.after,
+        flops_before=report.flops.before,
+        flops_after=report.flops.after,
+        val_accuracy_before=report.accuracy.val.before,
+        val_accuracy_after=report.accuracy.val.after,
+        test_accuracy_before=report.accuracy.test.before,
+        test_accuracy_after=report.accuracy.test.after,
+        latency_ms=report.latency_by_batch(),  # every batch size the job measured
+        ranks={name: row.model_dump(mode="json") for name, row in report.ranks.items()},
+        report=report.model_dump(mode="json"),
         created_at=now,
     )
 
@@ -244,15 +221,20 @@ def complete(
     session: Session,
     job_id: str,
     attempt: int,
-    report: Mapping[str, Any],
+    report: JobReport | Mapping[str, Any],
     artifacts: Sequence[tuple[str, int, str, str]],
 ) -> bool:
     """Flip our run to ``succeeded`` with its result row and artifact rows, in one transaction.
+
+    ``report`` is the job's :class:`core.report.JobReport` (a decoded report.json is validated
+    first, so a malformed one raises before anything is written).
 
     Idempotent: completing again the run that already succeeded returns True and writes nothing.
     A stale run returns False and writes nothing. If an insert fails the caller's transaction
     rolls back, the status flip included.
     """
+    if not isinstance(report, JobReport):
+        report = JobReport.model_validate(report)
     now = utcnow()
     result = session.execute(
         update(Job)

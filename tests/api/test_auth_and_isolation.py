@@ -6,6 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from core.report import JobReport
 from store.models import Artifact, Dataset, Job, ModelRecord, Result
 from store.repositories import api_keys
 from tests.api.conftest import Caller
@@ -13,7 +14,7 @@ from tests.api.conftest import Caller
 pytestmark = pytest.mark.postgres
 
 
-def _alice_objects(session: Session, alice: Caller) -> dict[str, str]:
+def _alice_objects(session: Session, alice: Caller, report: JobReport) -> dict[str, str]:
     tid = alice.tenant.id
     model = ModelRecord(
         tenant_id=tid, name="m", arch="fcn", num_classes=10, input_shape=[64], options={},
@@ -26,7 +27,7 @@ def _alice_objects(session: Session, alice: Caller) -> dict[str, str]:
     job = Job(tenant_id=tid, config={"model": {"arch": "fcn"}}, max_attempts=3, status="succeeded")
     session.add_all([model, dataset, job])
     session.flush()
-    session.add(Result(job_id=job.id, report={"ok": True}))
+    session.add(Result(job_id=job.id, report=report.model_dump(mode="json")))
     session.add(Artifact(job_id=job.id, name="model.onnx", size_bytes=1, sha256="0" * 64, location="x/y"))
     session.flush()
     return {"model": model.id, "dataset": dataset.id, "job": job.id}
@@ -46,9 +47,15 @@ ID_ROUTES = [
 
 @pytest.mark.parametrize(("method", "route"), ID_ROUTES)
 def test_another_tenants_object_is_404(
-    client: TestClient, session: Session, alice: Caller, bob: Caller, method: str, route: str
+    client: TestClient,
+    session: Session,
+    alice: Caller,
+    bob: Caller,
+    method: str,
+    route: str,
+    real_report: JobReport,
 ) -> None:
-    url = route.format(**_alice_objects(session, alice))
+    url = route.format(**_alice_objects(session, alice, real_report))
 
     resp = client.request(method, url, headers=bob.headers)
 
@@ -58,9 +65,9 @@ def test_another_tenants_object_is_404(
 
 @pytest.mark.parametrize(("method", "route"), ID_ROUTES)
 def test_the_owner_reaches_every_id_route(
-    client: TestClient, session: Session, alice: Caller, method: str, route: str
+    client: TestClient, session: Session, alice: Caller, method: str, route: str, real_report: JobReport
 ) -> None:
-    url = route.format(**_alice_objects(session, alice))
+    url = route.format(**_alice_objects(session, alice, real_report))
 
     resp = client.request(method, url, headers=alice.headers)
 
@@ -84,9 +91,15 @@ LIST_ROUTES = [
 @pytest.mark.parametrize(("method", "route"), LIST_ROUTES)
 @pytest.mark.parametrize("authorization", [None, "Bearer lrt_wrong", "Basic abc"])
 def test_missing_or_wrong_key_is_401(
-    client: TestClient, session: Session, alice: Caller, method: str, route: str, authorization: str | None
+    client: TestClient,
+    session: Session,
+    alice: Caller,
+    method: str,
+    route: str,
+    authorization: str | None,
+    real_report: JobReport,
 ) -> None:
-    url = route.format(**_alice_objects(session, alice))
+    url = route.format(**_alice_objects(session, alice, real_report))
     headers = {"Authorization": authorization} if authorization else {}
 
     resp = client.request(method, url, headers=headers)

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.report import JobReport
 from store.artifacts import job_key
 from store.models import Artifact, Job, JobEvent, ModelRecord, Result
 from store.settings import Settings
@@ -200,21 +201,32 @@ def test_list_is_paginated_and_filtered_by_status(
     assert bad.status_code == 422 and "limit" in bad.json()["detail"]
 
 
-def test_report_is_409_until_the_job_succeeded(client: TestClient, alice: Caller, session: Session) -> None:
+def test_report_is_409_until_the_job_succeeded(
+    client: TestClient, alice: Caller, session: Session, real_report: JobReport
+) -> None:
     job_id = submit(client, alice, DIGITS_JOB).json()["id"]
 
     before = client.get(f"/v1/jobs/{job_id}/report", headers=alice.headers)
     set_status(session, job_id, "succeeded")
+    r = real_report
     session.add(
-        Result(job_id=job_id, params_before=1000, params_after=250, report={"params": {"after": 250}})
+        Result(
+            job_id=job_id,
+            params_before=r.params.before,
+            params_after=r.params.after,
+            latency_ms=r.latency_by_batch(),
+            report=r.model_dump(mode="json"),
+        )
     )
     session.flush()
     after = client.get(f"/v1/jobs/{job_id}/report", headers=alice.headers)
     job = client.get(f"/v1/jobs/{job_id}", headers=alice.headers).json()
 
     assert before.status_code == 409 and "queued" in before.json()["detail"]
-    assert after.status_code == 200 and after.json() == {"params": {"after": 250}}
-    assert job["result"]["params_after"] == 250 and job["result"]["params_ratio"] == 0.25
+    assert after.status_code == 200 and JobReport.model_validate(after.json()) == r
+    assert job["result"]["params_after"] == r.params.after
+    assert job["result"]["params_ratio"] == r.params.ratio and job["result"]["flops_ratio"] == r.flops.ratio
+    assert set(job["result"]["latency_ms"]) == set(r.latency_ms)
 
 
 def test_events_list_the_progress_history(client: TestClient, alice: Caller, session: Session) -> None:

@@ -15,6 +15,7 @@ from cli.main import main
 from core.config import DatasetConfig, load_config
 from core.data import load_data
 from core.export import load_model, onnx_accuracy
+from core.report import read_report
 from core.train import accuracy
 from core.zoo import build_model
 
@@ -47,32 +48,33 @@ def finished_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_compress_writes_every_artifact(finished_job: Path) -> None:
     for name in ("model.safetensors", "model.json", "model.pt2", "model.onnx", "report.json"):
         assert (finished_job / name).is_file(), name
-    report = json.loads((finished_job / "report.json").read_text())
-    assert report["params"]["after"] < report["params"]["before"]
-    assert report["flops"]["after"] < report["flops"]["before"]
-    for split in ("val", "test"):
-        for when in ("before", "after"):
-            assert 0.0 <= report["accuracy"][split][when] <= 1.0
-    assert set(report["latency_ms"]) == {"1", "64"}
-    assert any(r["factorized"] for r in report["ranks"].values())
-    assert {"prepare", "train", "collapse", "compress", "measure", "export"} <= set(report["timings"])
+    report = read_report(finished_job)
+    assert report.params.after < report.params.before
+    assert report.flops.after < report.flops.before
+    for split in (report.accuracy.val, report.accuracy.test):
+        for value in (split.before, split.after):
+            assert value is not None and 0.0 <= value <= 1.0
+    assert set(report.latency_ms) == {"1", "64"}  # the default measure.batch_sizes
+    assert any(r.factorized for r in report.ranks.values())
+    assert {"prepare", "train", "collapse", "compress", "measure", "export"} <= set(report.timings)
     for fmt in ("safetensors", "pt2", "onnx"):
-        assert report["files"][fmt]["max_abs_diff"] < 1e-3
+        diff = report.files[fmt].max_abs_diff
+        assert diff is not None and diff < 1e-3
 
 
 def test_reported_test_accuracy_is_what_the_exported_onnx_scores(finished_job: Path) -> None:
-    report = json.loads((finished_job / "report.json").read_text())
+    report = read_report(finished_job)
     data = load_data(DatasetConfig(name="digits"), seed=0)
     x, y = (t.numpy() for t in data.test.tensors)
     assert onnx_accuracy(finished_job / "model.onnx", x, y) == pytest.approx(
-        report["accuracy"]["test"]["after"], abs=1e-9
+        report.accuracy.test.after, abs=1e-9
     )
     model = load_model(finished_job)
-    assert accuracy(model, data.test) == pytest.approx(report["accuracy"]["test"]["after"], abs=1e-9)
+    assert accuracy(model, data.test) == pytest.approx(report.accuracy.test.after, abs=1e-9)
     # the validation figures (taken from the search's evaluations) are the models' own
-    assert accuracy(model, data.val) == pytest.approx(report["accuracy"]["val"]["after"], abs=1e-9)
+    assert accuracy(model, data.val) == pytest.approx(report.accuracy.val.after, abs=1e-9)
     dense = load_model(finished_job / "dense")
-    assert accuracy(dense, data.val) == pytest.approx(report["accuracy"]["val"]["before"], abs=1e-9)
+    assert accuracy(dense, data.val) == pytest.approx(report.accuracy.val.before, abs=1e-9)
     program = torch.export.load(str(finished_job / "model.pt2"))
     torch.testing.assert_close(program.module()(data.test.tensors[0][:8]), model(data.test.tensors[0][:8]))
 
@@ -93,10 +95,12 @@ def test_compress_only_given_weights(tmp_path: Path, finished_job: Path) -> None
         measure={"latency": False},
     )
     assert main(["compress", str(cfg), "--out", str(out), "--quiet"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    first = json.loads((finished_job / "report.json").read_text())
-    assert report["accuracy"]["test"]["before"] == pytest.approx(first["accuracy"]["test"]["before"])
-    assert report["training"]["factors"] is None
+    report = read_report(out)
+    first = read_report(finished_job)
+    assert report.accuracy.test.before == pytest.approx(first.accuracy.test.before)
+    assert report.training is not None and report.training.factors is None
+    # a job that did not train says nothing about composition
+    assert all(r.composed is None and r.compose_reason is None for r in report.ranks.values())
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
@@ -155,8 +159,9 @@ def test_auto_composition_puts_the_wide_first_layer_in_layer_space(tmp_path: Pat
         measure={"latency": False},
     )
     assert main(["compress", str(cfg), "--out", str(out), "--quiet"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["training"]["layer_space"] == ["1"]
-    assert report["accuracy"]["test"]["before"] > 0.5  # it learned through the chain
+    report = read_report(out)
+    assert report.training is not None and report.training.layer_space == ["1"]
+    before = report.accuracy.test.before
+    assert before is not None and before > 0.5  # it learned through the chain
     dense = load_model(out / "dense")  # the collapsed model has the plain architecture again
     assert isinstance(dense.get_submodule("1"), torch.nn.Linear)

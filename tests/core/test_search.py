@@ -89,14 +89,14 @@ def test_bisection_finds_the_edge_exactly(spectra: dict[str, Spectrum]) -> None:
     nxt = ladder[expected + 1]
     assert nxt in fake.calls and fake.value(nxt) < target
     assert len(fake.calls) <= 1 + math.ceil(math.log2(len(ladder)))
-    assert sum(p["chosen"] for p in points) == 1
+    assert sum(p.chosen for p in points) == 1
 
 
 def test_the_reference_is_measured_not_assumed(spectra: dict[str, Spectrum]) -> None:
     low, high = FakeEval(spectra, top=0.5), FakeEval(spectra, top=0.95)
     r_low, p_low = search.search_accuracy_budget(spectra, 0, 0, low, max_drop=0.01, refine=False)
-    assert p_low[0]["ranks"] == {k: sp.full_rank for k, sp in spectra.items()}
-    assert p_low[0]["val_accuracy"] == pytest.approx(0.5)
+    assert p_low[0].ranks == {k: sp.full_rank for k, sp in spectra.items()}
+    assert p_low[0].val_accuracy == pytest.approx(0.5)
     # a relative budget scales with the measured reference: same edge for both scales
     r_a, _ = search.search_accuracy_budget(spectra, 0, 0, low, max_rel_drop=0.02, refine=False)
     r_b, _ = search.search_accuracy_budget(spectra, 0, 0, high, max_rel_drop=0.02, refine=False)
@@ -143,11 +143,14 @@ def test_params_budget_fits_and_picks_the_most_accurate_evaluated(spectra: dict[
     limit = math.floor(0.3 * dense)
     assert svt.params_of(spectra, ranks, other) <= limit
     assert len(fake.calls) <= 8
-    under = [p for p in points if p["params"] <= limit]
-    chosen = next(p for p in points if p["chosen"])
-    assert chosen["val_accuracy"] == max(p["val_accuracy"] for p in under)
-    start, _ = svt.ranks_under_budget(spectra, "params", limit, other)
-    assert fake.value(ranks) >= fake.value(svt.effective_ranks(spectra, start))
+    under = [p for p in points if p.params <= limit]
+    chosen = next(p for p in points if p.chosen)
+    assert chosen.val_accuracy == max(p.val_accuracy for p in under)
+    fit = svt.ranks_under_budget(
+        svt.normalized_scores(spectra), lambda r: svt.params_of(spectra, r, other), limit
+    )
+    assert fit is not None
+    assert fake.value(ranks) >= fake.value(svt.effective_ranks(spectra, fit[0]))
 
 
 def test_an_impossible_budget_says_what_is_possible(spectra: dict[str, Spectrum]) -> None:
@@ -155,22 +158,65 @@ def test_an_impossible_budget_says_what_is_possible(spectra: dict[str, Spectrum]
         search.search_cost_budget(spectra, 10_000, 0, FakeEval(spectra), cost="params", budget=0.01)
 
 
-def test_pareto_points_carry_the_report_fields(spectra: dict[str, Spectrum]) -> None:
+def test_pareto_points_are_what_the_report_records(spectra: dict[str, Spectrum]) -> None:
+    from core.report import SearchPoint
+
     _, points = search.choose(
         AccuracyBudgetPolicy(policy="accuracy_budget", max_drop=0.01), spectra, 10, 20, FakeEval(spectra)
     )
     for p in points:
-        assert {
-            "params",
-            "flops",
-            "params_fraction",
-            "flops_fraction",
-            "val_accuracy",
-            "ranks",
-            "chosen",
-        } <= set(p)
-        assert ("threshold" in p) or ("step" in p)
-    assert points[0]["params_fraction"] == 1.0 and points[0]["flops_fraction"] == 1.0
+        SearchPoint.model_validate(p)  # every field of the point has its place in the report
+        assert (p.threshold is not None) or (p.step is not None)
+        assert p.within_budget is not None
+    assert [p.evaluation for p in points] == list(range(1, len(points) + 1))
+    assert points[0].stage == "reference"
+    assert points[0].params_fraction == 1.0 and points[0].flops_fraction == 1.0
+
+
+def test_global_policy_point_carries_the_threshold_svt_used(spectra: dict[str, Spectrum]) -> None:
+    from core.config import GlobalPolicy
+
+    ranks, points = search.choose(GlobalPolicy(policy="global", keep=0.3), spectra, 0, 0, FakeEval(spectra))
+    chosen = next(p for p in points if p.chosen)
+    assert chosen.threshold is not None
+    assert ranks == svt.effective_ranks(spectra, svt.ranks_threshold(spectra, chosen.threshold))
+
+
+def test_a_custom_allocation_plugs_into_the_budget_searches(spectra: dict[str, Spectrum]) -> None:
+    """An Importance that favours layer "b" keeps more of it than the default at the same budget."""
+
+    def favour_b(sp: dict[str, Spectrum]) -> svt.Scores:
+        return {k: s.normalized * (4.0 if k == "b" else 1.0) for k, s in sp.items()}
+
+    limit_kwargs = {"cost": "params", "budget": 0.3, "max_evals": 2}  # the reference and the start
+    default, _ = search.search_cost_budget(spectra, 0, 0, FakeEval(spectra), **limit_kwargs)  # type: ignore[arg-type]
+    custom, _ = search.search_cost_budget(
+        spectra,
+        0,
+        0,
+        FakeEval(spectra),
+        importance=favour_b,
+        **limit_kwargs,  # type: ignore[arg-type]
+    )
+    assert custom["b"] > default["b"]
+    assert svt.params_of(spectra, custom) <= 0.3 * svt.params_of(
+        spectra, {k: sp.full_rank for k, sp in spectra.items()}
+    )
+
+
+def test_a_custom_cost_plugs_into_the_cost_budget(spectra: dict[str, Spectrum]) -> None:
+    """Any monotone cost can be budgeted: here, the rank of layer "a" alone."""
+    cost = search.Cost("rank_a", lambda r: r.get("a", spectra["a"].full_rank))
+    ranks, points = search.search_cost_budget(spectra, 0, 0, FakeEval(spectra), cost=cost, budget=0.25)
+    assert ranks["a"] <= 0.25 * spectra["a"].full_rank
+    assert all(p.within_budget == (p.ranks["a"] <= 0.25 * spectra["a"].full_rank) for p in points)
+
+
+def test_a_search_error_is_its_own_type(spectra: dict[str, Spectrum]) -> None:
+    assert issubclass(search.BudgetError, search.SearchError)
+    from core.config import ConfigError
+
+    assert not issubclass(search.SearchError, ConfigError)  # the pipeline maps it
 
 
 Trained = tuple[torch.nn.Module, DataBundle, dict[str, Spectrum]]
@@ -229,8 +275,8 @@ def test_accuracy_budget_on_digits_finds_the_edge(trained: Trained) -> None:
     dense_val = accuracy(model, data.val)
     got = accuracy(svt.truncate(model, spectra, ranks), data.val)  # measured again, independently
     assert got >= dense_val - 0.02 - 1e-9
-    chosen = next(p for p in points if p["chosen"])
-    assert chosen["params_fraction"] < 1.0
+    chosen = next(p for p in points if p.chosen)
+    assert chosen.params_fraction < 1.0
     # the next-higher threshold tried in the bisection does not meet the budget
     ladder = search.threshold_ladder(spectra)
     index = next(i for i, (_, r) in enumerate(ladder) if r == ranks)
@@ -253,11 +299,11 @@ def test_accuracy_budget_with_refinement_on_digits(trained: Trained) -> None:
     policy = AccuracyBudgetPolicy(policy="accuracy_budget", max_drop=0.02, max_evals=12)
     ranks, points = search.choose(policy, spectra, *_others(model, data, spectra), evaluate)
     assert len(calls) <= 12
-    dense_val = points[0]["val_accuracy"]
+    dense_val = points[0].val_accuracy
     assert accuracy(svt.truncate(model, spectra, ranks), data.val) >= dense_val - 0.02 - 1e-9
-    chosen = next(p for p in points if p["chosen"])
+    chosen = next(p for p in points if p.chosen)
     # something smaller than the chosen model was tried and rejected
-    assert any(p["params"] < chosen["params"] and not p["within_budget"] for p in points)
+    assert any(p.params < chosen.params and not p.within_budget for p in points)
 
 
 def test_params_budget_on_digits_keeps_at_most_the_budget(trained: Trained) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from cli.main import main
 from core.config import parse_config
 from core.pipeline import run_job, select
+from core.report import JobReport, read_report
 
 JOB: dict[str, Any] = {
     "name": "tiny",
@@ -35,26 +36,26 @@ def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _report(path: Path) -> dict[str, Any]:
-    return json.loads((path / "report.json").read_text())
+def _report(path: Path) -> JobReport:
+    return read_report(path)
 
 
-def _figures(r: dict[str, Any]) -> dict[str, Any]:
+def _figures(r: JobReport) -> dict[str, Any]:
     return {
-        "ranks": r["ranks"],
-        "params": r["params"],
-        "flops": r["flops"],
-        "accuracy": r["accuracy"],
-        "pareto": [(p["ranks"], p["val_accuracy"], p["chosen"]) for p in r["pareto"]],
+        "ranks": r.ranks,
+        "params": r.params,
+        "flops": r.flops,
+        "accuracy": r.accuracy,
+        "pareto": [(p.ranks, p.val_accuracy, p.chosen) for p in r.pareto],
     }
 
 
 def test_job_writes_plots_and_lists_them(job_dir: Path) -> None:
     report = _report(job_dir)
     for name in ("pareto", "spectra"):
-        file = job_dir / report["plots"][name]["file"]
+        file = job_dir / report.plots[name].file
         assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sum(p["chosen"] for p in report["pareto"]) == 1
+    assert sum(p.chosen for p in report.pareto) == 1
 
 
 def test_select_with_the_jobs_budget_reproduces_its_figures(job_dir: Path, tmp_path: Path) -> None:
@@ -75,15 +76,16 @@ def test_select_another_budget_gives_a_consistent_model(job_dir: Path, tmp_path:
     )
     report = _report(out)
     job = _report(job_dir)
-    assert report["ranks"] != job["ranks"]
-    assert report["params"]["after"] <= 0.3 * report["params"]["before"]
-    assert report["config"]["compress"]["policy"] == "params_budget"
-    assert report["selected_from"] == str(job_dir)
+    assert report.ranks != job.ranks
+    assert report.params.after <= 0.3 * report.params.before
+    assert report.policy == "params_budget"
+    assert report.selected_from == str(job_dir)
+    assert report.training == job.training  # what the job's training did, carried over
     # the reloaded artifact scores what its report says (same validation split: same seed)
     model = load_model(out)
     data = load_data(DatasetConfig(**JOB["dataset"]), seed=0)
-    assert accuracy(model, data.val) == report["accuracy"]["val"]["after"]
-    assert accuracy(model, data.test) == report["accuracy"]["test"]["after"]
+    assert accuracy(model, data.val) == report.accuracy.val.after
+    assert accuracy(model, data.test) == report.accuracy.test.after
     assert (out / "pareto.png").is_file() and (out / "dense" / "model.safetensors").is_file()
 
 
@@ -121,14 +123,16 @@ def test_finetuning_never_lowers_validation_accuracy(tmp_path: Path) -> None:
         "finetune": {"epochs": 2, "lr": 50.0, "optimizer": "sgd", "patience": 2},
     }
     report = run_job(parse_config(cfg), tmp_path)
-    ft = report["finetune"]
-    after = report["accuracy"]["val"]["after"]
-    assert after >= ft["val_accuracy_before"]
-    if ft.get("error"):  # diverged: the untuned model is returned and the report says why
-        assert "diverged" in ft["error"] and not ft["kept"] and after == ft["val_accuracy_before"]
+    ft = report.finetune
+    after = report.accuracy.val.after
+    assert ft is not None and after is not None
+    assert after >= ft.val_accuracy_before
+    if ft.error:  # diverged: the untuned model is returned and the report says why
+        assert "diverged" in ft.error and not ft.kept and after == ft.val_accuracy_before
     else:
-        assert after == max(ft["val_accuracy_before"], ft["val_accuracy_after"])
-        assert ft["kept"] == (ft["val_accuracy_after"] >= ft["val_accuracy_before"])
+        assert ft.val_accuracy_after is not None
+        assert after == max(ft.val_accuracy_before, ft.val_accuracy_after)
+        assert ft.kept == (ft.val_accuracy_after >= ft.val_accuracy_before)
 
 
 def test_finetuning_that_helps_is_kept(tmp_path: Path) -> None:
@@ -139,9 +143,10 @@ def test_finetuning_that_helps_is_kept(tmp_path: Path) -> None:
         "finetune": {"epochs": 3, "lr": 1e-3, "patience": 3},
     }
     report = run_job(parse_config(cfg), tmp_path)
-    ft = report["finetune"]
-    assert report["accuracy"]["val"]["after"] == max(ft["val_accuracy_before"], ft["val_accuracy_after"])
-    assert ft["val_accuracy_after"] > ft["val_accuracy_before"] and ft["kept"]
+    ft = report.finetune
+    assert ft is not None and ft.val_accuracy_after is not None
+    assert report.accuracy.val.after == max(ft.val_accuracy_before, ft.val_accuracy_after)
+    assert ft.val_accuracy_after > ft.val_accuracy_before and ft.kept
 
 
 # ---------------------------------------------------------------------------------------

@@ -140,8 +140,8 @@ def test_rank_policies_on_known_spectra() -> None:
     # normalized: a = [1, .5, .1, .01], b = [1, .9, .1, .01]
     assert svt.ranks_uniform(spectra, 0.5) == {"a": 2, "b": 2}
     assert svt.ranks_uniform(spectra, 0.01) == {"a": 1, "b": 1}
-    assert svt.ranks_global(spectra, 0.25) == {"a": 1, "b": 1}  # top 2 of 8: the two 1.0s
-    assert svt.ranks_global(spectra, 0.5) == {"a": 2, "b": 2}  # top 4: 1, 1, .9, .5
+    assert svt.ranks_global(spectra, 0.25) == ({"a": 1, "b": 1}, 1.0)  # top 2 of 8: the two 1.0s
+    assert svt.ranks_global(spectra, 0.5) == ({"a": 2, "b": 2}, 0.5)  # top 4: 1, 1, .9, .5
     assert svt.ranks_threshold(spectra, 0.1) == {"a": 3, "b": 3}
     # energy: a = 100, 25, 1, .01 -> 0.95 needs 2 (125/126.01 = .992); b: 4, 3.24, .04 -> .95 needs 2
     assert svt.ranks_energy(spectra, 0.95) == {"a": 2, "b": 2}
@@ -153,12 +153,24 @@ def test_budget_policy_finds_the_threshold_that_just_fits() -> None:
     dense = sum(sp.dense_params() for sp in spectra.values())  # 400
     for budget in (0.3, 0.6, 0.9):
         limit = int(budget * dense)
-        ranks, threshold = svt.ranks_under_budget(spectra, "params", limit, other=0)
+        fit = svt.ranks_under_budget(
+            svt.normalized_scores(spectra), lambda r: svt.params_of(spectra, r), limit
+        )
+        assert fit is not None
+        ranks, threshold = fit
         assert svt.params_of(spectra, ranks) <= limit
         # the next lower threshold (one more singular value kept) no longer fits
         lower = [float(v) for v in svt.pooled_normalized(spectra) if float(v) < threshold]
         if lower:
             assert svt.params_of(spectra, svt.ranks_threshold(spectra, max(lower))) > limit
+
+
+def test_budget_fit_is_none_when_even_rank_one_is_too_big() -> None:
+    spectra = _toy_spectra()
+    smallest = svt.params_of(spectra, {k: 1 for k in spectra})
+    cost = lambda r: svt.params_of(spectra, r)  # noqa: E731
+    assert svt.ranks_under_budget(svt.normalized_scores(spectra), cost, smallest - 1) is None
+    assert svt.ranks_under_budget(svt.normalized_scores(spectra), cost, smallest) == ({"a": 1, "b": 1}, 1.0)
 
 
 def test_multihead_attention_projections_stay_dense_and_the_rest_is_truncated() -> None:

@@ -10,18 +10,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.progress import Progress
+from core.report import JobReport
 from store import lifecycle
 from store.db import session_scope
 from store.models import Artifact, Job, JobEvent, Result, utcnow
 from tests.worker.conftest import load_job, make_job
 
-REPORT = {
-    "params": {"before": 1000, "after": 400},
-    "flops": {"before": 2000, "after": 800},
-    "accuracy": {"val": {"before": 0.9, "after": 0.89}, "test": {"before": 0.91, "after": 0.9}},
-    "latency_ms": {"1": {"before": 0.5, "after": 0.3}, "64": {"before": 2.0, "after": 1.0}},
-    "ranks": {"fc1": {"full": 64, "kept": 8, "factorized": True}},
-}
 FILES = [("model.safetensors", 10, "a" * 64, "jobs/x/model.safetensors"), ("report.json", 5, "b" * 64, "r")]
 
 
@@ -75,7 +69,9 @@ def test_second_claim_of_running_job_with_live_lease_is_refused(db_url: str, ten
     assert load_job(db_url, job_id).worker_id == "w1"
 
 
-def test_expired_lease_can_be_taken_over_and_stale_writes_are_refused(db_url: str, tenant_id: str) -> None:
+def test_expired_lease_can_be_taken_over_and_stale_writes_are_refused(
+    db_url: str, tenant_id: str, real_report: JobReport
+) -> None:
     job_id = make_job(db_url, tenant_id)
     assert claim(db_url, job_id, "w1") == 1
     expire_lease(db_url, job_id)
@@ -84,7 +80,7 @@ def test_expired_lease_can_be_taken_over_and_stale_writes_are_refused(db_url: st
     with session_scope(db_url) as s:
         assert lifecycle.record_progress(s, job_id, 1, p) is False
         assert lifecycle.heartbeat(s, job_id, 1, 60) is False
-        assert lifecycle.complete(s, job_id, 1, REPORT, FILES) is False
+        assert lifecycle.complete(s, job_id, 1, real_report, FILES) is False
         assert lifecycle.fail(s, job_id, 1, "boom") is False
         assert lifecycle.mark_canceled(s, job_id, 1) is False
     with session_scope(db_url) as s:
@@ -110,34 +106,50 @@ def test_progress_event_carries_attempt_and_nan_loss_is_dropped(db_url: str, ten
         assert [(e.attempt, e.stage, e.epoch, e.loss) for e in events] == [(1, "train", 1, None)]
 
 
-def test_complete_writes_result_and_artifacts_with_status_once(db_url: str, tenant_id: str) -> None:
+def test_complete_writes_result_and_artifacts_with_status_once(
+    db_url: str, tenant_id: str, real_report: JobReport
+) -> None:
     job_id = make_job(db_url, tenant_id)
     assert claim(db_url, job_id) == 1
     with session_scope(db_url) as s:
-        assert lifecycle.complete(s, job_id, 1, REPORT, FILES) is True
+        assert lifecycle.complete(s, job_id, 1, real_report, FILES) is True
     with session_scope(db_url) as s:  # idempotent: completing again writes nothing
-        assert lifecycle.complete(s, job_id, 1, REPORT, FILES) is True
+        assert lifecycle.complete(s, job_id, 1, real_report, FILES) is True
     job = load_job(db_url, job_id)
     assert (job.status, job.progress, job.stage) == ("succeeded", 1.0, "done")
     assert job.finished_at is not None and job.lease_expires_at is None
     with session_scope(db_url) as s:
         result = s.get(Result, job_id)
         assert result is not None
-        assert (result.params_before, result.params_after, result.flops_after) == (1000, 400, 800)
-        assert (result.test_accuracy_after, result.latency_ms["64"]["after"]) == (0.9, 1.0)
-        assert result.ranks["fc1"]["kept"] == 8
+        r = real_report
+        assert (result.params_before, result.params_after) == (r.params.before, r.params.after)
+        assert (result.flops_before, result.flops_after) == (r.flops.before, r.flops.after)
+        assert (result.val_accuracy_after, result.test_accuracy_after) == (
+            r.accuracy.val.after,
+            r.accuracy.test.after,
+        )
+        # every measured batch size, whatever measure.batch_sizes said (the tiny job: 1 and 8)
+        assert set(result.latency_ms) == {"1", "8"}
+        assert result.latency_ms["8"] == {
+            "before": r.latency_ms["8"].before,
+            "after": r.latency_ms["8"].after,
+        }
+        assert {k: v["kept_rank"] for k, v in result.ranks.items()} == {
+            k: v.kept_rank for k, v in r.ranks.items()
+        }
+        assert JobReport.model_validate(result.report) == r  # the stored report reads back whole
         stmt = select(Artifact.name).where(Artifact.job_id == job_id).order_by(Artifact.name)
         names = s.scalars(stmt).all()
         assert names == ["model.safetensors", "report.json"]
     assert claim(db_url, job_id, "w2") is None  # a finished job is never run again
 
 
-def test_complete_failing_midway_leaves_nothing(db_url: str, tenant_id: str) -> None:
+def test_complete_failing_midway_leaves_nothing(db_url: str, tenant_id: str, real_report: JobReport) -> None:
     job_id = make_job(db_url, tenant_id)
     assert claim(db_url, job_id) == 1
     duplicate = [*FILES, FILES[0]]  # unique(job_id, name) breaks on the third insert
     with pytest.raises(IntegrityError), session_scope(db_url) as s:
-        lifecycle.complete(s, job_id, 1, REPORT, duplicate)
+        lifecycle.complete(s, job_id, 1, real_report, duplicate)
     job = load_job(db_url, job_id)
     assert (job.status, job.finished_at) == ("running", None)
     with session_scope(db_url) as s:
