@@ -77,7 +77,8 @@ def exports(arch: str, device: torch.device, out: Path) -> dict[str, str]:
     apply_lorita(model, 3, init="scratch")
     collapse(model)
     spectra = svt.compute_spectra(model, (3, 32, 32))
-    small = svt.truncate(model, spectra, svt.ranks_global(spectra, 0.3)).eval()
+    ranks, _threshold = svt.ranks_global(spectra, 0.3)
+    small = svt.truncate(model, spectra, ranks).eval()
     example = torch.rand(4, 3, 32, 32, device=device)
     results = {}
     for fmt, export in (("pt2", export_pt2), ("onnx", export_onnx)):
