@@ -8,10 +8,12 @@ actually written while extracting (a lying header or a zip bomb stops at the cap
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -50,23 +52,51 @@ def _safe_parts(name: str) -> tuple[str, ...] | None:
     return parts
 
 
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_files: int  # entries (files) in the archive, counted before anything is extracted
+    max_bytes: int  # bytes the kept images extract to, together
+    max_image_bytes: int  # bytes of one image file
+    max_image_pixels: int  # width x height of one image
+
+
+def _too_many(count: int, limits: ArchiveLimits) -> ArchiveError:
+    return ArchiveError(
+        f"the archive holds {count} files, more than {limits.max_files}, the limit; "
+        "split the dataset or ask the operator to raise LORITA_MAX_ARCHIVE_FILES"
+    )
+
+
+def _too_big(limits: ArchiveLimits) -> ArchiveError:
+    return ArchiveError(
+        f"the archive's images extract to more than {limits.max_bytes} bytes, the limit "
+        "(LORITA_MAX_ARCHIVE_BYTES); upload a smaller dataset"
+    )
+
+
+def is_image_name(parts: tuple[str, ...]) -> bool:
+    return parts[-1].lower().endswith(IMAGE_SUFFIXES)
+
+
 class _Budget:
-    def __init__(self, max_files: int, max_bytes: int) -> None:
-        self.max_files, self.max_bytes = max_files, max_bytes
+    """Bytes written so far, against the declared sizes and the archive's cap."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
         self.files = 0
         self.bytes = 0
 
-    def add_file(self, declared_size: int) -> None:
-        self.files += 1
-        if self.files > self.max_files:
-            raise ArchiveError(f"the archive holds more than {self.max_files} files, the limit")
-        if declared_size < 0 or self.bytes + declared_size > self.max_bytes:
-            raise ArchiveError(f"the archive extracts to more than {self.max_bytes} bytes, the limit")
+    def declare(self, name: str, size: int) -> None:
+        if size < 0 or size > self.limits.max_image_bytes:
+            raise ArchiveError(
+                f"archive entry {name!r} declares {size} bytes, more than {self.limits.max_image_bytes} "
+                "for one image (LORITA_MAX_IMAGE_BYTES)"
+            )
 
     def count(self, n: int) -> None:
         self.bytes += n
-        if self.bytes > self.max_bytes:
-            raise ArchiveError(f"the archive extracts to more than {self.max_bytes} bytes, the limit")
+        if self.bytes > self.limits.max_bytes:
+            raise _too_big(self.limits)
 
 
 def _write_member(src: IO[bytes], dest: Path, declared: int, budget: _Budget, name: str) -> None:
@@ -83,6 +113,37 @@ def _write_member(src: IO[bytes], dest: Path, declared: int, budget: _Budget, na
                 out.write(chunk)
     except FileExistsError:
         raise ArchiveError(f"archive entry {name!r} appears twice") from None
+    if written != declared:
+        raise ArchiveError(f"archive entry {name!r} is truncated ({written} of {declared} bytes)")
+    budget.files += 1
+
+
+def check_image(path: Path, name: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the image at ``path``, read from its header; the file's chunks are
+    walked (PIL's ``verify``: checksums, no pixel decoding). Raises ArchiveError naming ``name``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ArchiveError(
+                    f"image {name} is {width}x{height} = {width * height} pixels, more than "
+                    f"{max_pixels} (LORITA_MAX_IMAGE_PIXELS); resize it"
+                )
+            img.verify()
+    except ArchiveError:
+        raise
+    except Image.DecompressionBombError:
+        raise ArchiveError(
+            f"image {name} has more pixels than {max_pixels} (LORITA_MAX_IMAGE_PIXELS); resize it"
+        ) from None
+    except Exception:  # PIL raises many types (SyntaxError, OSError, struct.error...) for bad files
+        raise ArchiveError(
+            f"{name} is not a readable image (damaged, truncated, or not the format its name says); "
+            "replace or remove it"
+        ) from None
+    return width, height
 
 
 def _target(root: Path, parts: tuple[str, ...]) -> Path:
@@ -93,74 +154,125 @@ def _target(root: Path, parts: tuple[str, ...]) -> Path:
     return target
 
 
+def _check_zip_entry(info: zipfile.ZipInfo) -> tuple[str, ...] | None:
+    # Unix type bits, when the zip was made on Unix (0 otherwise, e.g. Windows or writestr)
+    mode = stat.S_IFMT(info.external_attr >> 16)
+    if stat.S_ISLNK(mode):
+        raise ArchiveError(f"archive entry {info.filename!r} is a symbolic link; links are not allowed")
+    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ArchiveError(f"archive entry {info.filename!r} is not a regular file or folder")
+    return _safe_parts(info.filename)
+
+
 def _extract_zip(src: Path, root: Path, budget: _Budget) -> None:
+    limits = budget.limits
     with zipfile.ZipFile(src) as zf:
+        # everything is decided from the central directory before one byte is written
         infos = zf.infolist()
-        if len(infos) > budget.max_files * 2:
-            raise ArchiveError(f"the archive holds more than {budget.max_files} files, the limit")
-        declared_total = sum(i.file_size for i in infos)
-        if declared_total > budget.max_bytes:
-            raise ArchiveError(f"the archive extracts to more than {budget.max_bytes} bytes, the limit")
+        files = sum(1 for i in infos if not i.is_dir())
+        if files > limits.max_files:
+            raise _too_many(files, limits)
+        wanted: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
         for info in infos:
-            # Unix type bits, when the zip was made on Unix (0 otherwise, e.g. Windows or writestr)
-            mode = stat.S_IFMT(info.external_attr >> 16)
-            if stat.S_ISLNK(mode):
-                raise ArchiveError(
-                    f"archive entry {info.filename!r} is a symbolic link; links are not allowed"
-                )
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise ArchiveError(f"archive entry {info.filename!r} is not a regular file or folder")
-            parts = _safe_parts(info.filename)
-            if parts is None:
-                continue
+            parts = _check_zip_entry(info)
+            if parts is None or info.is_dir() or not is_image_name(parts):
+                continue  # folders are made as needed; other files (README, labels.csv) are not kept
+            budget.declare(info.filename, info.file_size)
+            wanted.append((info, parts))
+        if sum(info.file_size for info, _ in wanted) > limits.max_bytes:
+            raise _too_big(limits)
+        for info, parts in wanted:
             target = _target(root, parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            budget.add_file(info.file_size)
             with zf.open(info) as member:
                 _write_member(member, target, info.file_size, budget, info.filename)
+            check_image(target, "/".join(parts), limits.max_image_pixels)
+
+
+def _tar_entry(member: tarfile.TarInfo) -> tuple[str, ...] | None:
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"archive entry {member.name!r} is a link; links are not allowed")
+    if not (member.isreg() or member.isdir()):
+        raise ArchiveError(f"archive entry {member.name!r} is not a regular file or folder")
+    return _safe_parts(member.name)
+
+
+def _scan_tar(src: Path, budget: _Budget) -> None:
+    """The first pass: every header checked, entries counted and the archive's end found, before
+    anything is written. A tar has no index, so this reads it once (sequentially)."""
+    limits = budget.limits
+    files = declared = 0
+    with tarfile.open(src, mode="r:*") as tf:
+        for member in tf:
+            parts = _tar_entry(member)
+            if member.isdir():
+                continue
+            files += 1
+            if files > limits.max_files:
+                raise _too_many(files, limits)
+            if parts is not None and is_image_name(parts):
+                budget.declare(member.name, member.size)
+                declared += member.size
+                if declared > limits.max_bytes:
+                    raise _too_big(limits)
+        # tar ends with two zero blocks; a cut at a member boundary reads as a shorter, valid-looking
+        # archive without them
+        stream = tf.fileobj
+        assert stream is not None
+        stream.seek(tf.offset)
+        end = stream.read(2 * tarfile.BLOCKSIZE)
+        if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+            raise ArchiveError(
+                "the archive is truncated (its end-of-archive marker is missing); upload it again"
+            )
+        while stream.read(CHUNK_BYTES):  # a compressed stream checks its length and CRC at its end
+            pass
 
 
 def _extract_tar(src: Path, root: Path, budget: _Budget) -> None:
+    _scan_tar(src, budget)
     with tarfile.open(src, mode="r:*") as tf:
-        # iterate lazily: a huge member list fails at the file cap, not after reading it all
+        # the second pass reads members in order: sequential, also for .tar.gz
         for member in tf:
-            if member.issym() or member.islnk():
-                raise ArchiveError(f"archive entry {member.name!r} is a link; links are not allowed")
-            if not (member.isreg() or member.isdir()):
-                raise ArchiveError(f"archive entry {member.name!r} is not a regular file or folder")
-            parts = _safe_parts(member.name)
-            if parts is None:
+            parts = _tar_entry(member)
+            if parts is None or member.isdir() or not is_image_name(parts):
                 continue
             target = _target(root, parts)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            budget.add_file(member.size)
             fileobj = tf.extractfile(member)
             if fileobj is None:
                 raise ArchiveError(f"archive entry {member.name!r} cannot be read")
             with fileobj:
                 _write_member(fileobj, target, member.size, budget, member.name)
+            check_image(target, "/".join(parts), budget.limits.max_image_pixels)
 
 
-def extract_archive(src: Path, dest: Path, *, kind: str, max_files: int, max_bytes: int) -> int:
-    """Extract ``src`` into the empty folder ``dest``; returns the number of files written.
+def extract_archive(src: Path, dest: Path, *, kind: str, limits: ArchiveLimits) -> int:
+    """Extract the images of ``src`` into the empty folder ``dest``; returns how many were written.
 
-    Raises ArchiveError; the caller removes ``dest`` then, since it may hold a partial tree.
+    The entry count, every name and link type, and the declared sizes are checked before anything
+    is written; the bytes written are counted against the declared sizes and the cap, and each
+    image's header is read as it lands. Raises ArchiveError; the caller removes ``dest`` then.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    budget = _Budget(max_files, max_bytes)
+    budget = _Budget(limits)
     try:
         if kind == "zip":
             _extract_zip(src, dest, budget)
         else:
             _extract_tar(src, dest, budget)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
-        if isinstance(err, ArchiveError):
-            raise
-        raise ArchiveError(f"the archive cannot be read ({err}); upload a .zip, .tar or .tar.gz") from None
+    except ArchiveError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ArchiveError(
+            f"the archive cannot be read ({reason}); upload a complete .zip, .tar or .tar.gz"
+        ) from None
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise  # the server's problem, not the upload's: the app answers 507
+        raise ArchiveError(
+            f"the archive cannot be read ({err.strerror or type(err).__name__}); "
+            "upload a complete .zip, .tar or .tar.gz"
+        ) from None
     return budget.files
 
 
@@ -206,13 +318,13 @@ def _unwrap(root: Path) -> Path:
 
 
 def _image_shape(path: Path) -> tuple[int, int, int]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise ArchiveError(f"cannot read image {path.name}: {err}") from None
+    except Exception:  # every image was checked while extracting; this is belt and braces
+        raise ArchiveError(f"cannot read image {path.name}; replace or remove it") from None
     return (3, height, width)  # core reads every image as RGB
 
 

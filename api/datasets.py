@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
-from api.archives import ArchiveError, archive_kind, extract_archive, inspect_image_folder
+from api.archives import (
+    ArchiveError,
+    ArchiveLimits,
+    archive_kind,
+    extract_archive,
+    inspect_image_folder,
+)
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.limits import Offset
@@ -86,6 +93,15 @@ def _store_npz(upload: Path, tenant_id: str, dataset_id: str, store: ArtifactSto
     return record, key
 
 
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_files=settings.max_archive_files,
+        max_bytes=settings.max_archive_bytes,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
 def _store_image_folder(
     upload: Path,
     kind: str,
@@ -97,16 +113,16 @@ def _store_image_folder(
 ) -> tuple[Dataset, str]:
     extracted = scratch / "extracted"
     try:
-        extract_archive(
-            upload,
-            extracted,
-            kind=kind,
-            max_files=settings.max_archive_files,
-            max_bytes=settings.max_archive_bytes,
-        )
+        extract_archive(upload, extracted, kind=kind, limits=archive_limits(settings))
         info = inspect_image_folder(extracted)
     except ArchiveError as err:
         raise AppError(422, f"rejected archive: {err}") from None
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise AppError(
+                507, "no space left on the artifact store; retry later or ask the operator"
+            ) from None
+        raise
     key = dataset_key(tenant_id, dataset_id, IMAGEFOLDER_OBJECT)
     # one rename publishes the checked tree; the worker points dataset.path at it
     store.put_dir(key, info.root)

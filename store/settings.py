@@ -51,6 +51,32 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(
         default=4096 * MIB, ge=1, description="Most bytes a dataset archive may extract to."
     )
+    max_image_bytes: int = Field(
+        default=64 * MIB, ge=1, description="Largest single image file inside a dataset archive."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Most pixels (width x height) of one image in a dataset archive."
+    )
+    max_dataset_values: int = Field(
+        default=256_000_000,
+        ge=1,
+        description="Most numbers a dataset may hold (samples x values per sample, train and test "
+        "together; a worker holds them as float32): 256M = 1 GiB.",
+    )
+    max_model_parameters: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Most parameters of a model (an upload's architecture, a job's model), counted "
+        "from its options before anything is built.",
+    )
+    max_json_bytes: int = Field(
+        default=1 * MIB, ge=1024, description="Largest JSON request body (a job config), apart from uploads."
+    )
+    max_concurrent_validations: int = Field(
+        default=2,
+        ge=1,
+        description="Uploads checked at once per API process; more answer 503 with Retry-After.",
+    )
     lease_seconds: int = Field(default=60, ge=5, description="A running job's lease, renewed by heartbeats.")
     max_attempts: int = Field(default=3, ge=1, le=100, description="Runs of a job before it fails.")
     db_pool_size: int = Field(

@@ -165,7 +165,7 @@ def test_archive_over_the_file_cap_is_refused(
     resp = post_file(client, alice, "many.zip", buf.getvalue())
 
     assert resp.status_code == 422
-    assert "more than 3 files" in resp.json()["detail"]
+    assert "holds 4 files, more than 3" in resp.json()["detail"]
     assert dataset_rows(session) == 0
 
 
@@ -212,3 +212,19 @@ def test_zip_with_a_symlink_is_refused(client: TestClient, alice: Caller, sessio
 
     assert resp.status_code == 422 and "symbolic link" in resp.json()["detail"]
     assert dataset_rows(session) == 0
+
+
+def test_files_that_are_not_images_are_not_kept(
+    client: TestClient, alice: Caller, session: Session, settings: Settings
+) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("README.txt", b"my dataset")
+        zf.writestr("a/0.png", png_bytes(1))
+        zf.writestr("b/0.png", png_bytes(2))
+        zf.writestr("b/notes.bin", b"\0" * 10_000)
+
+    resp = post_file(client, alice, "data.zip", buf.getvalue())
+
+    assert resp.status_code == 201, resp.text
+    assert sorted(p.name for p in store_files(settings)) == ["0.png", "0.png"]
