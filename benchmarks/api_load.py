@@ -36,7 +36,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.client import ClientError, LoritaClient, RetryPolicy  # noqa: E402
 from cli.demo import create_key, lorita, running_service, service_env, start, stop  # noqa: E402
+from store.status import JobStatus  # noqa: E402
 
 JOB = {
     "model": {"arch": "fcn", "options": {"depth": 3, "width": 256}},
@@ -168,9 +170,9 @@ def wait_worker_ready(log: Path, worker: Any, timeout: float = 120) -> float:
     raise RuntimeError(f"the worker was not ready after {timeout:.0f} s; see {log}")
 
 
-def dispatch_time(client: httpx.Client, job_id: str, posted_at: float, timeout: float = 120) -> float:
+def dispatch_time(client: LoritaClient, job_id: str, posted_at: float, timeout: float = 120) -> float:
     while time.perf_counter() - posted_at < timeout:
-        if client.get(f"/v1/jobs/{job_id}").json()["status"] != "queued":
+        if client.job(job_id)["status"] != JobStatus.QUEUED:
             return time.perf_counter() - posted_at
         time.sleep(0.02)
     raise RuntimeError("the job was not picked up")
@@ -232,22 +234,20 @@ def main() -> int:
                     worker = start(lorita("worker", "--queue", "cpu"), env, workdir, worker_log.open("ab"))
                     # dispatch is timed against a ready worker, not against its start-up
                     ready_s = wait_worker_ready(worker_log, worker)
-                with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+                # no retries after the load: a status read that fails is a finding, not a hiccup
+                no_retry = RetryPolicy(give_up_after_s=0.0)
+                with LoritaClient(url, key, timeout_s=30, retry=no_retry) as c:
                     posted = time.perf_counter()
-                    job_id = c.post("/v1/jobs", json=JOB).json()["id"]
+                    job_id = c.submit(JOB)["id"]
                     post_s = time.perf_counter() - posted
                     dispatch = dispatch_time(c, job_id, posted)
                     stats = run_async(load(url, key, job_id, args.clients, args.seconds, args.interval))
                     t0 = time.perf_counter()
                     try:
-                        status = c.get(f"/v1/jobs/{job_id}").json()
-                        c.post(f"/v1/jobs/{job_id}/cancel")
-                    except httpx.HTTPError as err:
-                        status = {
-                            "status": f"unreadable ({type(err).__name__})",
-                            "stage": None,
-                            "epoch": None,
-                        }
+                        status = c.job(job_id)
+                        c.cancel(job_id)
+                    except ClientError as err:
+                        status = {"status": f"unreadable ({err})", "stage": None, "epoch": None}
                     after_load_s = time.perf_counter() - t0
         finally:
             if worker is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,7 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from cli.client import LoritaClient
 from cli.processes import stop_process_group
+from store.settings import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "digits_fcn.json"
@@ -38,19 +39,19 @@ def free_port() -> int:
 
 
 def service_env(workdir: Path, **extra: str) -> dict[str, str]:
-    """The environment of a service rooted in ``workdir`` (embedded unless ``extra`` says otherwise)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORITA_")}
-    env.update(
-        {
-            "LORITA_DATABASE_URL": f"sqlite:///{workdir / 'var' / 'lorita.db'}",
-            "LORITA_ARTIFACT_DIR": str(workdir / "var" / "artifacts"),
-            "LORITA_BROKER_DIR": str(workdir / "var" / "broker"),
-            "LORITA_VAR_DIR": str(workdir / "var"),
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        }
-    )
-    env.update(extra)
-    return env
+    """The environment of a service rooted in ``workdir`` (embedded unless ``extra`` says otherwise).
+
+    None of this process's ``LORITA_*`` settings leak in; ``extra`` may set other variables, and
+    settings by their ``LORITA_*`` names (checked against ``store.settings.Settings``).
+    """
+    var = workdir / "var"
+    settings = {
+        "database_url": f"sqlite:///{var / 'lorita.db'}",
+        "artifact_dir": str(var / "artifacts"),
+        "broker_dir": str(var / "broker"),
+        "var_dir": str(var),
+    }
+    return child_env(settings, prepend_paths={"PYTHONPATH": str(ROOT)}, **extra)
 
 
 def lorita(*args: str) -> list[str]:
@@ -70,16 +71,14 @@ stop = stop_process_group  # the name the e2e tests and benchmarks use
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+    with LoritaClient(url) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
+            if client.ready():
                 return
-        time.sleep(0.3)
+            time.sleep(0.3)
     raise RuntimeError(f"the service at {url} was not ready after {timeout:.0f} s")
 
 

@@ -1,31 +1,29 @@
-"""The service commands: serve, worker, db upgrade, keys create, submit.
+"""The service commands: serve, worker, db upgrade, keys create|list|revoke, submit.
 
 ``lorita serve`` with no settings is the embedded mode: a SQLite file, the filesystem broker and
 a ``lorita worker`` child process, everything under ``./var``. With ``LORITA_BROKER_URL`` set it
-runs the API alone (start workers with ``lorita worker``).
+runs the API alone (start workers with ``lorita worker``). ``lorita submit`` talks to the service
+through :class:`cli.client.LoritaClient`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cli.client import ClientError, LoritaClient
 from cli.output import fail
 from cli.processes import stop_process_group
-
-QUEUE_CHOICES = ("gpu", "cpu")
-FINISHED = ("succeeded", "failed", "canceled")
-
+from core.progress import Progress, Stage
+from store.settings import QUEUES
+from store.status import JobStatus
 
 # --------------------------------------------------------------------------------------------
 # serve / worker
@@ -107,7 +105,7 @@ def parse_queues(value: str | None) -> list[str]:
     if not value:
         return [probe_queue()]
     queues = [q.strip() for q in value.split(",") if q.strip()]
-    bad = [q for q in queues if q not in QUEUE_CHOICES]
+    bad = [q for q in queues if q not in QUEUES]
     if bad or not queues:
         raise ValueError(f"--queue {value!r}: give gpu, cpu or both as 'gpu,cpu'")
     return queues
@@ -202,22 +200,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# submit: the HTTP client
-
-
-class ClientError(Exception):
-    """A failure to report to the person at the terminal."""
-
-
-def _check(resp: Any, what: str) -> Any:
-    if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            message = body.get("message") or body.get("detail") or body
-        except ValueError:
-            message = resp.text[:500]
-        raise ClientError(f"{what}: HTTP {resp.status_code}: {message}")
-    return resp.json() if resp.content else None
+# submit: uploads what the config names, submits, follows, downloads (through cli.client)
 
 
 def npz_shape(path: Path) -> tuple[list[int], int] | None:
@@ -231,41 +214,13 @@ def npz_shape(path: Path) -> tuple[list[int], int] | None:
         return [int(d) for d in x.shape[1:]], int(y.max()) + 1
 
 
-def upload_model(
-    client: Any, weights: Path, arch: str, num_classes: int, input_shape: list[int], options: dict[str, Any]
-) -> str:
-    data: dict[str, str] = {
-        "arch": arch,
-        "name": weights.name,
-        "num_classes": str(num_classes),
-        "input_shape": ",".join(str(d) for d in input_shape),
-    }
-    if options:
-        data["options"] = json.dumps(options)
-    with weights.open("rb") as f:
-        resp = client.post(
-            "/v1/models", data=data, files={"file": (weights.name, f, "application/octet-stream")}
-        )
-    return str(_check(resp, f"uploading {weights}")["id"])
-
-
-def upload_dataset(client: Any, path: Path) -> str:
-    with path.open("rb") as f:
-        resp = client.post(
-            "/v1/datasets",
-            data={"name": path.name},
-            files={"file": (path.name, f, "application/octet-stream")},
-        )
-    return str(_check(resp, f"uploading {path}")["id"])
-
-
 def _local_path(value: str, base: Path, from_flag: bool) -> Path:
     path = Path(value)
     return path if from_flag or path.is_absolute() else base / path
 
 
 def prepare_config(
-    client: Any, config: dict[str, Any], base: Path, args: argparse.Namespace
+    client: LoritaClient, config: dict[str, Any], base: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Upload the local dataset / weights the config (or the flags) name; put their ids in.
 
@@ -284,7 +239,7 @@ def prepare_config(
         if not path.is_file():
             raise ClientError(f"dataset {path}: no such file (give an .npz or an ImageFolder archive)")
         data_shape = npz_shape(path)
-        dataset_id = upload_dataset(client, path)
+        dataset_id = str(client.upload_dataset(path)["id"])
         print(f"uploaded dataset {path} as {dataset_id}", file=sys.stderr)
         for key in ("path", "name"):
             dataset.pop(key, None)
@@ -306,87 +261,55 @@ def prepare_config(
         )
         if not num_classes or not input_shape:
             raise ClientError("uploading weights needs --num-classes and --input-shape (e.g. 3,32,32)")
-        model["weights"] = upload_model(
-            client, path, model["arch"], int(num_classes), list(input_shape), model.get("options") or {}
+        uploaded = client.upload_model(
+            path,
+            arch=model["arch"],
+            num_classes=int(num_classes),
+            input_shape=list(input_shape),
+            options=model.get("options") or {},
         )
+        model["weights"] = str(uploaded["id"])
         print(f"uploaded weights {path} as model {model['weights']}", file=sys.stderr)
     return config
 
 
-def _progress_from_job(job: dict[str, Any]) -> Any:
-    from core.progress import Progress
-
-    metrics = job.get("metrics") or {}
-    stage = job.get("stage") or job.get("status") or "queued"
+def progress_from_job(job: dict[str, Any]) -> Progress:
+    """The progress bar's view of a job as ``GET /v1/jobs/{id}`` returns it."""
+    stage = job["stage"] or job["status"]
     # The job row keeps the last epoch and loss; they only describe the training stages.
-    training = stage in ("train", "finetune")
+    training = stage in (Stage.TRAIN, Stage.FINETUNE)
+    metrics = job["metrics"]
     return Progress(
         stage=stage,
-        fraction=float(job.get("progress") or 0.0),
-        epoch=job.get("epoch") if training else None,
-        epochs=job.get("epochs") if training else None,
+        fraction=float(job["progress"]),
+        epoch=job["epoch"] if training else None,
+        epochs=job["epochs"] if training else None,
         loss=metrics.get("loss") if training else None,
         val_accuracy=metrics.get("val_accuracy") if training else None,
     )
 
 
-def wait_for_job(client: Any, job_id: str, interval: float = 1.0, show: bool = True) -> dict[str, Any]:
+def follow_job(client: LoritaClient, job_id: str, show: bool = True) -> dict[str, Any]:
+    """Wait for the job with a progress bar (its retry messages printed above the bar)."""
     from cli.output import progress_bar
 
     with progress_bar(disable=not show) as on_progress:
-        while True:
-            job = _check(client.get(f"/v1/jobs/{job_id}"), f"reading job {job_id}")
-            if job["status"] == "running" or job["status"] in FINISHED:
-                on_progress(_progress_from_job(job))
-            if job["status"] in FINISHED:
-                return dict(job)
-            time.sleep(interval)
+
+        def on_update(job: dict[str, Any]) -> None:
+            status = JobStatus(job["status"])
+            if status is JobStatus.RUNNING or status.finished:
+                on_progress(progress_from_job(job))
+
+        return client.wait(job_id, on_update=on_update)
 
 
-def download_artifacts(client: Any, job_id: str, out: Path) -> list[Path]:
-    """Every artifact of the job into ``out``, each sha256 checked against the server's."""
-    listing = _check(client.get(f"/v1/jobs/{job_id}/artifacts"), "listing artifacts")
-    items = listing["data"] if isinstance(listing, dict) and "data" in listing else listing
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for item in items:
-        name = item["name"]
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise ClientError(f"refusing artifact name {name!r}")
-        dest = out / name
-        digest = hashlib.sha256()
-        tmp = dest.with_name(f".{name}.part")
-        with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                _check(resp, f"downloading {name}")
-            header = resp.headers.get("x-sha256") or resp.headers.get("x-checksum-sha256")
-            with tmp.open("wb") as f:
-                for chunk in resp.iter_bytes():
-                    digest.update(chunk)
-                    f.write(chunk)
-        got = digest.hexdigest()
-        for expected, source in ((header, "header"), (item.get("sha256"), "listing")):
-            if expected and expected != got:
-                tmp.unlink(missing_ok=True)
-                raise ClientError(f"{name}: sha256 {got} does not match the {source}'s {expected}")
-        tmp.replace(dest)
-        paths.append(dest)
-    return paths
+def _say_above_the_bar(message: str) -> None:
+    from tqdm import tqdm
 
-
-@contextlib.contextmanager
-def http_client(url: str, key: str) -> Iterator[Any]:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60.0)) as client:
-        yield client
+    tqdm.write(f"lorita: {message}", file=sys.stderr)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import httpx
-
     from cli.output import format_report_table
     from store.settings import SettingsError, load_settings
 
@@ -408,25 +331,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not isinstance(config, dict):
         return fail(f"{config_path} must hold a JSON object")
     try:
-        with http_client(url, key) as client:
+        with LoritaClient(url, key, on_retry=_say_above_the_bar) as client:
             config = prepare_config(client, config, config_path.resolve().parent, args)
-            job = _check(client.post("/v1/jobs", json=config), "submitting the job")
+            job = client.submit(config)
             job_id = job["id"]
             print(f"job {job_id} {job['status']}", file=sys.stderr)
             if args.no_wait:
                 print(job_id)
                 return 0
-            job = wait_for_job(client, job_id, show=not args.quiet)
-            if job["status"] != "succeeded":
-                reason = job.get("error") or job["status"]
+            job = follow_job(client, job_id, show=not args.quiet)
+            if job["status"] != JobStatus.SUCCEEDED:
+                reason = job["error"] or job["status"]
                 return fail(f"job {job_id} {job['status']}: {reason}", 1)
             out = Path(args.out or f"lorita-{job_id}")
-            paths = download_artifacts(client, job_id, out)
-            report = _check(client.get(f"/v1/jobs/{job_id}/report"), "reading the report")
+            paths = client.download_artifacts(job_id, out)
+            report = client.report(job_id)
     except ClientError as err:
         return fail(str(err), 1)
-    except httpx.HTTPError as err:
-        return fail(f"cannot reach the service at {url}: {err}", 1)
     print(format_report_table(report))
     print(f"job {job_id} succeeded; {len(paths)} artifacts (sha256 checked) in {out}", file=sys.stderr)
     return 0
