@@ -28,7 +28,7 @@ from core.layers import bias_of, set_submodule, spatial_conv_like, weight_of
 # ---------------------------------------------------------------------------------------
 
 
-def _product(factors: Sequence[torch.Tensor], left: bool) -> torch.Tensor:
+def _product(factors: Sequence[torch.Tensor], squares_left: bool) -> torch.Tensor:
     """``S_{N-1} ... S_1 F`` when the squares sit on the left, ``F S_1 ... S_{N-1}`` otherwise."""
     full, squares = factors[0], factors[1:]
     if not squares:
@@ -38,11 +38,11 @@ def _product(factors: Sequence[torch.Tensor], left: bool) -> torch.Tensor:
     # when n >> k, as for a first layer on flattened images.
     chain = squares[0]
     for sq in squares[1:]:
-        chain = sq @ chain if left else chain @ sq
-    return chain @ full if left else full @ chain
+        chain = sq @ chain if squares_left else chain @ sq
+    return chain @ full if squares_left else full @ chain
 
 
-def _balanced_factors(matrix: torch.Tensor, n_factors: int, left: bool) -> list[torch.Tensor]:
+def _balanced_factors(matrix: torch.Tensor, n_factors: int, squares_left: bool) -> list[torch.Tensor]:
     """An exact factorization of ``matrix`` (m x n) into one full and N-1 square factors.
 
     Note: with ``matrix = U S V^T`` (k = min(m, n)), each factor carries ``S^(1/N)``:
@@ -54,7 +54,7 @@ def _balanced_factors(matrix: torch.Tensor, n_factors: int, left: bool) -> list[
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     root = s.pow(1.0 / n_factors)
     full = (u * root) @ vh
-    square = (u * root) @ u.T if left else (vh.T * root) @ vh
+    square = (u * root) @ u.T if squares_left else (vh.T * root) @ vh
     dtype = matrix.dtype
     return [full.to(dtype)] + [square.to(dtype).clone() for _ in range(n_factors - 1)]
 
@@ -75,19 +75,19 @@ class _Factorized(nn.Module):
         self.n = math.prod(weight_shape[1:])
         self.n_factors = n_factors
         # Square factors go on the smaller side so that each costs min(m, n)^2.
-        self.left = self.m <= self.n
+        self.squares_left = self.m <= self.n
 
     def forward(self, *factors: torch.Tensor) -> torch.Tensor:
         # Note: under bf16 autocast a chain of N matmuls would round N times; form the product
         # in the factors' own precision and let the layer cast the result once.
         with torch.autocast(factors[0].device.type, enabled=False):
-            return _product(factors, self.left).reshape(self.weight_shape)
+            return _product(factors, self.squares_left).reshape(self.weight_shape)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"expected a weight of shape {self.weight_shape}, got {tuple(weight.shape)}")
         matrix = weight.reshape(self.m, self.n)
-        return tuple(_balanced_factors(matrix, self.n_factors, self.left))
+        return tuple(_balanced_factors(matrix, self.n_factors, self.squares_left))
 
 
 class _StackedFactorized(nn.Module):
@@ -219,23 +219,25 @@ def _scratch_init(
     with torch.no_grad():
         for b in range(len(originals) // n):
             group = originals[b * n : (b + 1) * n]
-            w0 = _product([p.detach() for p in group], block.left)
-            for dest, value in zip(group, _orthogonal_factors(w0, n, block.left, generator), strict=True):
+            w0 = _product([p.detach() for p in group], block.squares_left)
+            for dest, value in zip(
+                group, _orthogonal_factors(w0, n, block.squares_left, generator), strict=True
+            ):
                 dest.copy_(value)
 
 
 def _orthogonal_factors(
-    matrix: torch.Tensor, n_factors: int, left: bool, generator: torch.Generator
+    matrix: torch.Tensor, n_factors: int, squares_left: bool, generator: torch.Generator
 ) -> list[torch.Tensor]:
     """``[F, Q_1, ..., Q_{N-1}]`` with Haar-random orthogonal ``Q_i`` whose product is ``matrix``."""
     full = matrix.double()
-    size = matrix.shape[0] if left else matrix.shape[1]
+    size = matrix.shape[0] if squares_left else matrix.shape[1]
     squares = []
     for _ in range(n_factors - 1):
         q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
         squares.append(q * torch.sign(torch.diagonal(r)))
     for q in reversed(squares):
-        full = q.T @ full if left else full @ q.T
+        full = q.T @ full if squares_left else full @ q.T
     return [t.to(matrix.dtype) for t in (full, *squares)]
 
 
@@ -387,7 +389,7 @@ class LayerChain(nn.Sequential):
         m = w_first.shape[0]
         with torch.no_grad():
             product = _product(
-                [w_first.reshape(m, -1)] + [weight_of(s).reshape(m, m) for s in squares], left=True
+                [w_first.reshape(m, -1)] + [weight_of(s).reshape(m, m) for s in squares], squares_left=True
             )
             if not torch.isfinite(product).all():
                 raise ValueError(f"the product for {name}.weight is not finite; training diverged")
@@ -429,7 +431,7 @@ def _compose_as_chain(
     weight = weight_of(layer)
     matrix = weight.detach().reshape(t.shape[0], -1)
     if init in ("scratch", "preserve"):
-        factors = _orthogonal_factors(matrix, n_factors, left=True, generator=generator)
+        factors = _orthogonal_factors(matrix, n_factors, squares_left=True, generator=generator)
     elif init == "paper":
         factors = _paper_factors(matrix, n_factors, t.kind, generator)
     else:
@@ -513,5 +515,5 @@ def _balanced_factors_left(matrix: torch.Tensor, n_factors: int) -> list[torch.T
         full = work
         squares = [torch.eye(m, dtype=work.dtype) for _ in range(n_factors - 1)]
         return [full.to(matrix.dtype)] + [s.to(matrix.dtype) for s in squares]
-    factors = _balanced_factors(work, n_factors, left=True)
+    factors = _balanced_factors(work, n_factors, squares_left=True)
     return [f.to(matrix.dtype) for f in factors]
