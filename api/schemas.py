@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.progress import Stage
 from store.status import JobStatus
 
 
@@ -78,7 +79,7 @@ class JobRead(_Read):
     id: str
     name: str | None
     status: JobStatus
-    stage: str | None
+    stage: Stage | None = Field(description="The pipeline stage the job is in (or ended in).")
     progress: float = Field(description="Whole-job progress, 0..1.")
     epoch: int | None
     epochs: int | None
@@ -105,7 +106,7 @@ class JobEventRead(_Read):
     id: int
     attempt: int
     created_at: datetime
-    stage: str
+    stage: Stage
     progress: float
     epoch: int | None
     loss: float | None
