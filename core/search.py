@@ -88,7 +88,7 @@ class Importance(Protocol):
     (and, for the cost budgets, per-layer weights on the scores).
     """
 
-    def __call__(self, spectra: Mapping[str, Spectrum]) -> Scores: ...
+    def __call__(self, spectra: Mapping[str, Spectrum], /) -> Scores: ...
 
 
 class NormalizedSingularValues:
@@ -108,7 +108,22 @@ class Cost:
 
 def importance_for(policy: CompressConfig) -> Importance:
     """The allocation a policy uses (one place to select another allocator from the config)."""
+    if getattr(policy, "allocation", "global") == "sensitivity":
+        from core.allocation import SensitivityAllocation
+
+        return SensitivityAllocation("flops" if policy.policy == "flops_budget" else "params")
     return NormalizedSingularValues()
+
+
+def _probe(s: _Search) -> Callable[[Mapping[str, int], str], float | None]:
+    """Evaluations for an allocation that measures (``measure``): through the search, counted."""
+
+    def probe(ranks: Mapping[str, int], layer: str) -> float | None:
+        if not s.can_evaluate(ranks):
+            return None
+        return s.point(ranks, Label("probe", layer=layer or None)).val_accuracy
+
+    return probe
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,6 +441,10 @@ def search_cost_budget(
     s.judge = lambda p: measure.of(p.ranks) <= limit
     reference = s.reference()
     scores = (importance or NormalizedSingularValues())(spectra)
+    measured = getattr(importance, "measure", None)  # e.g. core.allocation.SensitivityAllocation
+    if measured is not None and not reference.within_budget:
+        hint = svt.ranks_under_budget(svt.normalized_scores(spectra), measure.of, limit)
+        scores = measured(spectra, _probe(s), hint[0] if hint else None, s.evaluations_remaining)
     fit = svt.ranks_under_budget(scores, measure.of, limit)
     if fit is None:
         smallest = measure.of({k: 1 for k in spectra})

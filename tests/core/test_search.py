@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -185,19 +186,16 @@ def test_global_policy_point_carries_the_threshold_svt_used(spectra: dict[str, S
 def test_a_custom_allocation_plugs_into_the_budget_searches(spectra: dict[str, Spectrum]) -> None:
     """An Importance that favours layer "b" keeps more of it than the default at the same budget."""
 
-    def favour_b(sp: dict[str, Spectrum]) -> svt.Scores:
+    def favour_b(sp: Mapping[str, Spectrum]) -> svt.Scores:
         return {k: s.normalized * (4.0 if k == "b" else 1.0) for k, s in sp.items()}
 
-    limit_kwargs = {"cost": "params", "budget": 0.3, "max_evals": 2}  # the reference and the start
-    default, _ = search.search_cost_budget(spectra, 0, 0, FakeEval(spectra), **limit_kwargs)  # type: ignore[arg-type]
-    custom, _ = search.search_cost_budget(
-        spectra,
-        0,
-        0,
-        FakeEval(spectra),
-        importance=favour_b,
-        **limit_kwargs,  # type: ignore[arg-type]
-    )
+    def fit(importance: search.Importance | None) -> Ranks:
+        # two evaluations: the reference and the start, the threshold fit of the scores
+        return search.search_cost_budget(
+            spectra, 0, 0, FakeEval(spectra), cost="params", budget=0.3, max_evals=2, importance=importance
+        ).ranks
+
+    default, custom = fit(None), fit(favour_b)
     assert custom["b"] > default["b"]
     assert svt.params_of(spectra, custom) <= 0.3 * svt.params_of(
         spectra, {k: sp.full_rank for k, sp in spectra.items()}
