@@ -25,6 +25,7 @@ from store.artifacts import (
     ArtifactStore,
     ArtifactStoreError,
     LocalArtifactStore,
+    is_no_space,
     job_key,
     sha256_file,
 )
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 WORK = "work"
 CHECKPOINT = "checkpoint.pt"
 PARTIAL_SUFFIXES = (".tmp", ".part")
+LOW_SPACE_BYTES = 16 * 1024 * 1024
 
 
 def attempt_folder(attempt: int) -> str:
@@ -105,6 +107,20 @@ class JobFiles:
                 size, sha256 = sha256_file(path)
             artifacts.append((path.name, int(size), sha256, key))
         return artifacts
+
+    def out_of_space(self, err: BaseException) -> bool:
+        """Did ``err`` come from a full disk? torch.save reports ENOSPC as an iostream error with no
+        errno, so a failure is also put down to the disk when its filesystem has (almost) no space
+        left at that moment (before the partial files are removed)."""
+        if is_no_space(err):
+            return True
+        for folder in (self.work_dir, self.out_dir):
+            try:
+                if folder.exists() and shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def remove_partials(self) -> None:
         """Half-written files (a checkpoint cut short by a full disk): give their space back."""

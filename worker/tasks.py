@@ -13,24 +13,25 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
 from store import lifecycle, references
-from store.artifacts import get_artifact_store, job_key, sha256_file
+from store.artifacts import NO_SPACE_MESSAGE, ArtifactStoreUnavailable, get_artifact_store
 from store.db import dispose_engines, session_scope
+from store.jobfiles import JobFiles
+from store.logging import job_context
 from store.models import Job
 from store.settings import get_settings
 from store.status import JobStatus
 from worker.celery_app import TASK_RUN_JOB, app
+from worker.metrics import RunHooks, failure_reason, record_run
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +139,6 @@ def limit_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _collect_artifacts(out_dir: Path, prefix: str, store: Any) -> list[tuple[str, int, str, str]]:
-    """Every file of ``out_dir`` as (name, size, sha256, location), stored under ``prefix``."""
-    artifacts = []
-    for path in sorted(out_dir.iterdir()):
-        if not path.is_file():
-            continue
-        key = f"{prefix}/{path.name}"
-        if Path(store.path_for(key)).resolve() == path.resolve():
-            size, sha256 = sha256_file(path)
-        else:  # a store that is not this folder: copy the file in
-            size, sha256 = store.put_file(key, path)
-        artifacts.append((path.name, int(size), sha256, key))
-    return artifacts
-
-
 def _record_outcome(job_id: str, attempt: int, status: JobStatus, message: str | None = None) -> None:
     with session_scope() as session:
         if status == JobStatus.CANCELED:
@@ -185,57 +171,79 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
 
     store = get_artifact_store(settings)
     # each attempt writes its own folder, so a superseded run cannot touch recorded files
-    prefix = job_key(tenant_id, job_id, f"a{attempt}")
-    job_dir = Path(store.path_for(job_key(tenant_id, job_id)))
-    work_dir = job_dir / "work"
-    out_dir = Path(store.path_for(prefix))
+    files = JobFiles(store, tenant_id, job_id, attempt)
     reporter = JobReporter(job_id, attempt, settings.lease_seconds)
+    hooks = RunHooks(
+        reporter.progress, reporter.should_stop, settings.job_wall_seconds, on_epoch=files.sync_checkpoint
+    )
+    outcome, reason = "failed", None
     try:
         with session_scope() as session:
             config = references.resolve_for_run(
-                session, tenant_id, parse_config(raw_config), store.path_for, settings
+                session, tenant_id, parse_config(raw_config), store.local_path, settings
             )
-        if out_dir.exists():  # leftovers of a crash of this very attempt
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
-        work_dir.mkdir(parents=True, exist_ok=True)
+        out_dir, work_dir = files.prepare()
         with reporter:
             report = run_job(
                 config,
                 out_dir,
                 work_dir=work_dir,
-                progress=reporter.progress,
-                should_stop=reporter.should_stop,
+                progress=hooks.progress,
+                should_stop=hooks.should_stop,
             )
-        artifacts = _collect_artifacts(out_dir, prefix, store)
+        hooks.end_stage()
+        artifacts = files.collect()
         with session_scope() as session:
             done = lifecycle.complete(session, job_id, attempt, report, artifacts)
+        outcome = "succeeded" if done else "stale"
     except JobCanceled:
         if reporter.stale:
             log.warning("job %s attempt %d was superseded; stopped", job_id, attempt)
-            return "stale"
-        _record_outcome(job_id, attempt, JobStatus.CANCELED)
-        log.info("job %s canceled", job_id)
-        return "canceled"
+            outcome = "stale"
+        elif hooks.timed_out:
+            _record_outcome(job_id, attempt, JobStatus.FAILED, hooks.wall_time_message())
+            log.info("job %s failed: past the wall-time limit", job_id)
+            outcome, reason = "failed", "wall_time"
+        else:
+            _record_outcome(job_id, attempt, JobStatus.CANCELED)
+            log.info("job %s canceled", job_id)
+            outcome = "canceled"
     except (JobError, ConfigError, references.UnresolvedReference) as err:
         _record_outcome(job_id, attempt, JobStatus.FAILED, str(err))
         log.info("job %s failed: %s", job_id, err)
-        return "failed"
+        reason = failure_reason(err)
+    except ArtifactStoreUnavailable as err:
+        # not the job's fault: its lease expires and the sweeper runs it again (from the checkpoint)
+        log.error("job %s attempt %d: %s; it will be retried", job_id, attempt, err)
+        outcome = "retry"
     except Exception as err:
-        log.error("job %s attempt %d: internal error\n%s", job_id, attempt, traceback.format_exc())
-        _record_outcome(job_id, attempt, JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}")
-        return "failed"
-    if not done:
+        if files.out_of_space(err):
+            files.remove_partials()
+            log.error("job %s attempt %d: no space left on the artifact store", job_id, attempt)
+            _record_outcome(job_id, attempt, JobStatus.FAILED, NO_SPACE_MESSAGE)
+            reason = "no_space"
+        else:
+            log.error("job %s attempt %d: internal error\n%s", job_id, attempt, traceback.format_exc())
+            _record_outcome(job_id, attempt, JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}")
+            reason = "internal"
+    finally:
+        hooks.end_stage()
+    if outcome != "retry":
+        files.finish(outcome)
+    record_run(outcome, hooks.elapsed, reason)
+    if outcome == "stale":
         log.warning("job %s attempt %d finished but was superseded; result discarded", job_id, attempt)
-        return "stale"
-    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is no longer needed
-    log.info("job %s succeeded (attempt %d)", job_id, attempt)
-    return "succeeded"
+    elif outcome == "succeeded":
+        log.info("job %s succeeded (attempt %d)", job_id, attempt)
+    return outcome
 
 
-@app.task(name=TASK_RUN_JOB, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
-def run_job_task(job_id: str) -> str:
-    return execute_job(job_id)
+@app.task(name=TASK_RUN_JOB, ignore_result=True, acks_late=True, reject_on_worker_lost=True, bind=True)
+def run_job_task(self: Any, job_id: str) -> str:
+    # the id of the request that submitted the job (api.metrics puts it in the message headers)
+    request_id = getattr(self.request, "lorita_request_id", None)
+    with job_context(job_id, request_id if isinstance(request_id, str) else None):
+        return execute_job(job_id)
 
 
 @signals.worker_process_init.connect

@@ -1,0 +1,158 @@
+"""A run's limits and leftovers: the wall-time limit, superseded attempt folders, a full disk, and
+a job whose files live in S3 (the worker's own folder keeps nothing)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from store.admin import upgrade_db
+from store.artifacts import NO_SPACE_MESSAGE, open_artifact_store
+from store.db import dispose_engines, session_scope
+from store.models import Artifact, Job, Tenant
+from store.settings import get_settings
+from tests.store.s3_server import S3Server
+from worker.tasks import execute_job
+
+pytestmark = pytest.mark.slow
+
+
+def config(epochs: int = 2, width: int = 32) -> dict[str, Any]:
+    return {
+        "model": {"arch": "fcn", "options": {"depth": 2, "width": width}},
+        "dataset": {"name": "digits"},
+        "train": {"factors": 2, "epochs": epochs, "batch_size": 64},
+        "compress": {"policy": "global", "keep": 0.5},
+        "measure": {"latency": False},
+        "export": ["safetensors"],
+        "device": "cpu",
+    }
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    url = f"sqlite:///{tmp_path / 'lorita.db'}"
+    monkeypatch.setenv("LORITA_DATABASE_URL", url)
+    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("LORITA_WORK_DIR", str(tmp_path / "work"))
+    get_settings.cache_clear()
+    upgrade_db(url)
+    yield monkeypatch
+    dispose_engines()
+    get_settings.cache_clear()
+
+
+def submit(cfg: dict[str, Any]) -> tuple[str, str]:
+    with session_scope() as session:
+        tenant = Tenant(name="acme")
+        session.add(tenant)
+        session.flush()
+        job = Job(tenant_id=tenant.id, config=cfg, max_attempts=3)
+        session.add(job)
+        session.flush()
+        return tenant.id, job.id
+
+
+def job_row(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def files_under(root: Path) -> list[str]:
+    return (
+        sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if root.exists()
+        else []
+    )
+
+
+def test_past_the_wall_time_limit_the_job_fails_with_a_message_and_leaves_nothing(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env.setenv("LORITA_JOB_WALL_SECONDS", "1.5")
+    get_settings.cache_clear()
+    _, job_id = submit(config(epochs=500))
+
+    assert execute_job(job_id, "w1") == "failed"
+
+    job = job_row(job_id)
+    assert job.status == "failed" and job.lease_expires_at is None  # the slot is free
+    assert "longer than this server's limit of 2 s" in (job.error or "") and "LORITA_JOB_WALL_SECONDS" in (
+        job.error or ""
+    )
+    assert files_under(tmp_path / "artifacts" / "tenants") == []
+
+
+def test_a_success_removes_the_folders_of_superseded_attempts(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tenant_id, job_id = submit(config())
+    job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
+    (job_dir / "a1").mkdir(parents=True)
+    (job_dir / "a1" / "model.safetensors").write_bytes(b"from the attempt whose worker died")
+    with session_scope() as session:  # attempt 1 ran and was requeued
+        session.execute(update(Job).where(Job.id == job_id).values(attempt=1))
+
+    assert execute_job(job_id, "w2") == "succeeded"
+
+    assert sorted(p.name for p in job_dir.iterdir()) == ["a2"]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_a_full_artifact_store_fails_the_job_with_a_plain_message_and_no_partial_files(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "1m"):
+        pytest.skip("needs a size-limited filesystem: mounting a tmpfs is not permitted here")
+    try:
+        env.setenv("LORITA_ARTIFACT_DIR", str(small))
+        get_settings.cache_clear()
+        # several MB of checkpoint (factors and Adam's moments): more than the 1 MB there
+        _, job_id = submit(config(epochs=2, width=1024))
+
+        assert execute_job(job_id, "w1") == "failed"
+
+        job = job_row(job_id)
+        assert job.error == NO_SPACE_MESSAGE
+        assert files_under(small) == []  # no checkpoint.pt.tmp keeps the disk full
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_job_on_the_s3_store_uploads_its_outputs_and_keeps_nothing_locally(
+    env: pytest.MonkeyPatch, tmp_path: Path, s3: S3Server
+) -> None:
+    env.setenv("LORITA_ARTIFACTS_URL", s3.url())
+    get_settings.cache_clear()
+    _, job_id = submit(config())
+
+    assert execute_job(job_id, "w1") == "succeeded"
+
+    with session_scope() as session:
+        artifacts = session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()
+        rows = [(a.name, a.location, a.sha256) for a in artifacts]
+    assert {"model.safetensors", "report.json"} <= {name for name, _, _ in rows}
+    assert sorted(s3.keys()) == sorted(f"lorita/{loc}" for _, loc, _ in rows)
+    reader = open_artifact_store(s3.url(), tmp_path / "elsewhere")
+    for _, location, sha256 in rows:
+        with reader.open_read(location) as f:
+            assert hashlib.sha256(f.read()).hexdigest() == sha256
+    assert files_under(tmp_path / "work" / "jobs") == []
+    assert not (tmp_path / "artifacts").exists()
