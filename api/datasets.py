@@ -20,7 +20,7 @@ from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.limits import Offset
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
-from api.uploads import clean_filename, commit_record, save_upload
+from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
 from store.artifacts import ArtifactStore, dataset_key
 from store.models import Dataset, new_id
 from store.repositories import datasets as dataset_repo
@@ -74,11 +74,13 @@ BUILTINS: tuple[BuiltinDatasetRead, ...] = (
 )
 
 
-def _store_npz(upload: Path, tenant_id: str, dataset_id: str, store: ArtifactStore) -> tuple[Dataset, str]:
+def _store_npz(
+    upload: Path, filename: str, tenant_id: str, dataset_id: str, store: ArtifactStore, settings: Settings
+) -> tuple[Dataset, str]:
     from core.data import DataError, validate_npz
 
     try:
-        info = validate_npz(upload)
+        info = validate_npz(upload, name=filename or "the .npz file", max_values=settings.max_dataset_values)
     except DataError as err:
         raise AppError(422, str(err)) from None
     key = dataset_key(tenant_id, dataset_id, NPZ_OBJECT)
@@ -142,6 +144,7 @@ def upload_dataset(
     tenant: CurrentTenant,
     settings: SettingsDep,
     store: StoreDep,
+    slots: ValidationSlotsDep,
     file: Annotated[
         UploadFile,
         File(
@@ -165,10 +168,13 @@ def upload_dataset(
     try:
         upload = scratch / ("upload.npz" if kind == "npz" else "upload.archive")
         size, sha256 = save_upload(file.file, upload, settings.max_upload_bytes)
-        if kind == "npz":
-            record, key = _store_npz(upload, tenant.id, dataset_id, store)
-        else:
-            record, key = _store_image_folder(upload, kind, scratch, tenant.id, dataset_id, store, settings)
+        with slots.hold():
+            if kind == "npz":
+                record, key = _store_npz(upload, filename, tenant.id, dataset_id, store, settings)
+            else:
+                record, key = _store_image_folder(
+                    upload, kind, scratch, tenant.id, dataset_id, store, settings
+                )
         record.id, record.tenant_id, record.name = dataset_id, tenant.id, name or filename
         record.size_bytes, record.sha256, record.location = size, sha256, key
         commit_record(

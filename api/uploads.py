@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
 
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from api.errors import AppError
+from api.errors import RETRY_AFTER_SECONDS, AppError
 from store.artifacts import ArtifactStore
 
 CHUNK_BYTES = 1024 * 1024
@@ -23,6 +26,46 @@ def human_bytes(n: int) -> str:
             return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} bytes"
+
+
+class ValidationSlots:
+    """At most ``capacity`` uploads are checked at once in this process (reading archives, arrays
+    and weights costs memory and CPU); one more waits ``wait_seconds`` for a slot, then is told
+    to retry (503 with Retry-After) instead of piling up."""
+
+    def __init__(self, capacity: int, wait_seconds: float = 2.0) -> None:
+        self.capacity = capacity
+        self.wait_seconds = wait_seconds
+        self._free = threading.BoundedSemaphore(capacity)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if not self._free.acquire(timeout=self.wait_seconds):
+            raise AppError(
+                503,
+                f"the server is checking {self.capacity} other uploads; retry in a few seconds "
+                "(the operator sets LORITA_MAX_CONCURRENT_VALIDATIONS)",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+_slots_lock = threading.Lock()
+
+
+def get_validation_slots(request: Request) -> ValidationSlots:
+    state = request.app.state
+    with _slots_lock:
+        slots: ValidationSlots | None = getattr(state, "validation_slots", None)
+        if slots is None:
+            slots = state.validation_slots = ValidationSlots(state.settings.max_concurrent_validations)
+    return slots
+
+
+ValidationSlotsDep = Annotated[ValidationSlots, Depends(get_validation_slots)]
 
 
 def too_large(limit: int) -> AppError:

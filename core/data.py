@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ MAX_CLASSES = 1000
 FIXED_DATA_SEED = 0
 HOLDOUT_FRACTION = 0.2
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_SCAN_VALUES = 4 * 1024 * 1024  # values read at once while an upload's arrays are checked
+MIN_TRAIN_SAMPLES = 10  # fewer cannot give both a training and a validation split worth the name
 _TORCHVISION_DATASETS = {
     "mnist": "MNIST",
     "fashion-mnist": "FashionMNIST",
@@ -263,9 +266,123 @@ def _load_path(path: Path, image_size: int | None) -> _Splits:
 # ---------------------------------------------------------------- .npz
 
 
-def validate_npz(path: str | Path, max_classes: int = MAX_CLASSES) -> NpzInfo:
-    """Check an .npz dataset without ever unpickling; raise DataError naming the first problem."""
-    return _read_npz(Path(path), max_classes)[4]
+def validate_npz(
+    path: str | Path,
+    max_classes: int = MAX_CLASSES,
+    *,
+    name: str | None = None,
+    max_values: int = MAX_ARRAY_ELEMENTS,
+) -> NpzInfo:
+    """Check an .npz dataset without loading it: shapes, dtypes and sizes from the .npy headers,
+    then the values in chunks of ``NPZ_SCAN_VALUES`` (memory stays at a few MB whatever the
+    arrays' sizes; a zip bomb is refused from its header). Never unpickles. Raises DataError
+    naming the first problem; ``name`` is the file name the errors show (the user's, not ours)."""
+    path = Path(path)
+    shown = name or path.name
+    headers = _npz_headers(path, shown)
+    shapes = {key: headers[key][0] for key in NPZ_KEYS}
+    values = {key: math.prod(shape) for key, shape in shapes.items()}
+    if sum(values.values()) > max_values:
+        big = max(NPZ_KEYS, key=lambda k: values[k])
+        raise DataError(
+            f"{shown}: {big} has shape {shapes[big]} = {values[big]} values; the dataset holds "
+            f"{sum(values.values())} values in all, more than the {max_values} accepted "
+            "(LORITA_MAX_DATASET_VALUES); upload fewer or smaller samples"
+        )
+    for xk, yk in (("x_train", "y_train"), ("x_test", "y_test")):
+        _check_feature_header(xk, shapes[xk], headers[xk][1])
+        _check_label_header(yk, shapes[yk], headers[yk][1])
+        if shapes[xk][0] != shapes[yk][0]:
+            raise DataError(f"{xk} has {shapes[xk][0]} samples but {yk} has {shapes[yk][0]} labels")
+    sample_train, sample_test = _sample_shape_from(shapes["x_train"]), _sample_shape_from(shapes["x_test"])
+    if sample_train != sample_test:
+        raise DataError(
+            f"train and test samples differ in shape: x_train {shapes['x_train']} gives samples of shape "
+            f"{sample_train}, x_test {shapes['x_test']} gives {sample_test}"
+        )
+    n_train, n_test = shapes["y_train"][0], shapes["y_test"][0]
+    if n_train < MIN_TRAIN_SAMPLES or n_test < 1:
+        raise DataError(
+            f"too few samples: {n_train} training and {n_test} test; give at least "
+            f"{MIN_TRAIN_SAMPLES} training samples (a validation split is carved from them) and 1 test sample"
+        )
+    highest = 0
+    with zipfile.ZipFile(path) as zf:
+        for key in NPZ_KEYS:
+            lo, hi = _scan_npz_array(zf, key, shapes[key], headers[key][1], shown)
+            if key.startswith("x") and headers[key][1] != np.uint8 and (lo < 0.0 or hi > 1.0):
+                raise DataError(
+                    f"{key} holds floats in [{lo:g}, {hi:g}], outside [0, 1]; scale them to [0, 1] "
+                    "(e.g. divide 0..255 values by 255) or store uint8"
+                )
+            if key.startswith("y"):
+                if lo < 0 or hi >= max_classes:
+                    raise DataError(
+                        f"{key} has labels in [{int(lo)}, {int(hi)}]; labels must lie in [0, {max_classes}) "
+                        "(class indices counted from 0)"
+                    )
+                highest = max(highest, int(hi))
+    if highest < 1:
+        raise DataError("all labels are 0: a classifier needs at least two classes (labels 0 and 1)")
+    return NpzInfo(highest + 1, sample_train, n_train, n_test)
+
+
+def _check_feature_header(key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    if len(shape) not in (2, 3, 4):
+        raise DataError(
+            f"{key} has shape {shape}; give flat features (N, D) or images (N, H, W), (N, H, W, C) "
+            "or (N, C, H, W)"
+        )
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise DataError(
+            f"{key} has dtype {dtype}; give uint8 values 0..255 or floats in [0, 1] "
+            "(e.g. x.astype(np.uint8) for 0..255 integers)"
+        )
+    if math.prod(shape[1:]) == 0:
+        raise DataError(f"{key} has shape {shape}: its samples hold no values; each needs at least one")
+
+
+def _check_label_header(key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    if len(shape) != 1:
+        raise DataError(f"{key} has shape {shape}; labels must be 1-D (one integer class per sample)")
+    if not np.issubdtype(dtype, np.integer):
+        raise DataError(
+            f"{key} has dtype {dtype}; labels must be integers 0..num_classes-1 "
+            "(e.g. y.astype(np.int64) if they are whole numbers)"
+        )
+
+
+def _scan_npz_array(
+    zf: zipfile.ZipFile, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], shown: str
+) -> tuple[float, float]:
+    """(min, max) of one array, read in bounded chunks after its header; NaN/inf and a member
+    shorter than its header says are DataErrors. Element order (C or Fortran) does not matter."""
+    left = math.prod(shape)
+    lo, hi = math.inf, -math.inf
+    floating = np.issubdtype(dtype, np.floating)
+    try:
+        with zf.open(key + ".npy") as f:
+            if np.lib.format.read_magic(f) == (1, 0):  # the header _npz_headers checked; skip it
+                np.lib.format.read_array_header_1_0(f)
+            else:
+                np.lib.format.read_array_header_2_0(f)
+            while left > 0:
+                count = min(left, NPZ_SCAN_VALUES)
+                raw = f.read(count * dtype.itemsize)
+                if len(raw) != count * dtype.itemsize:
+                    raise DataError(
+                        f"{shown}: array {key} is shorter than its header says; save the file again"
+                    )
+                chunk = np.frombuffer(raw, dtype=dtype)
+                if floating and not np.isfinite(chunk).all():
+                    raise DataError(f"{key} contains NaN or infinite values; remove or replace them")
+                lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+                left -= count
+    except DataError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error):
+        raise DataError(f"{shown}: array {key} cannot be read (the file is damaged); save it again") from None
+    return lo, hi
 
 
 def _read_npz(path: Path, max_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, NpzInfo]:
@@ -304,24 +421,26 @@ def _read_npz(path: Path, max_classes: int) -> tuple[np.ndarray, np.ndarray, np.
     return x_train, y_train, x_test, y_test, info
 
 
-def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+def _npz_headers(path: Path, shown: str | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
     """Shapes and dtypes of the archive's arrays, read from their headers before any data.
 
     Reading headers first rejects object arrays and oversized arrays (a zip bomb
     announces its size in the header) without decompressing or unpickling anything.
     """
+    name = shown or path.name
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
+    except (zipfile.BadZipFile, OSError):
         raise DataError(
-            f"{path.name} is not an .npz archive ({err}); save it with numpy.savez or numpy.savez_compressed"
+            f"{name} is not an .npz archive (not a readable zip file); save it with numpy.savez or "
+            "numpy.savez_compressed"
         ) from None
     with zf:
         found = sorted(n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy"))
         missing = [k for k in NPZ_KEYS if k not in found]
         if missing:
             raise DataError(
-                f"{path.name} is missing array(s) {', '.join(missing)}; found: {', '.join(found) or 'none'}; "
+                f"{name} is missing array(s) {', '.join(missing)}; found: {', '.join(found) or 'none'}; "
                 f"an .npz dataset needs {', '.join(NPZ_KEYS)}"
             )
         headers = {}
@@ -333,11 +452,13 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
                         shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                     else:
                         shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            except (ValueError, OSError, zipfile.BadZipFile) as err:
-                raise DataError(f"{path.name}: array {key} is not a valid .npy member: {err}") from None
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error):
+                raise DataError(
+                    f"{name}: array {key} is not a valid .npy member; save it with numpy.savez"
+                ) from None
             if dtype.hasobject:
                 raise DataError(
-                    f"{path.name}: array {key} holds Python objects (dtype {dtype}); only numeric arrays "
+                    f"{name}: array {key} holds Python objects (dtype {dtype}); only numeric arrays "
                     "are accepted and pickled data is never loaded"
                 )
             if shape and shape[0] > MAX_SAMPLES:
@@ -398,8 +519,12 @@ def _is_nhwc(shape: tuple[int, ...]) -> bool:
 
 
 def _sample_shape(x: np.ndarray) -> tuple[int, ...]:
+    return _sample_shape_from(x.shape)
+
+
+def _sample_shape_from(array_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The per-sample shape after conversion: (D,) or (C, H, W)."""
-    shape = tuple(int(s) for s in x.shape)
+    shape = tuple(int(s) for s in array_shape)
     if len(shape) == 2:
         return (shape[1],)
     if len(shape) == 3:

@@ -276,7 +276,6 @@ def test_tar_past_the_entry_cap_is_refused_naming_the_count(
 # ---------------------------------------------------------------- .npz
 
 
-@pending
 def test_npz_bomb_is_refused_from_its_headers(
     client: TestClient, alice: Caller, session: Session, npz_bomb: bytes
 ) -> None:
@@ -289,7 +288,6 @@ def test_npz_bomb_is_refused_from_its_headers(
     assert rows(session, Dataset) == 0
 
 
-@pending
 @pytest.mark.parametrize(
     ("arrays", "needle"),
     [
@@ -324,7 +322,6 @@ def test_npz_that_can_never_train_is_refused_at_upload(
     assert rows(session, Dataset) == 0
 
 
-@pending
 def test_npz_errors_name_the_users_file(client: TestClient, alice: Caller) -> None:
     data = npz_bytes(x=np.zeros((4, 2), np.float32))
 
@@ -514,3 +511,25 @@ def test_synthetic_data_too_large_to_hold_is_refused(client: TestClient, alice: 
     assert resp.status_code == 422, resp.text
     assert "dataset" in detail(resp)
     assert math.prod([3, 1024, 1024]) > 0
+
+
+def test_uploads_past_the_concurrent_validation_slots_get_503_with_retry_after(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    from api.uploads import ValidationSlots
+
+    slots = ValidationSlots(capacity=1, wait_seconds=0.05)
+    client.app.state.validation_slots = slots  # type: ignore[attr-defined]
+    data = npz_bytes(
+        x_train=np.zeros((20, 4), np.float32),
+        y_train=np.arange(20) % 2,
+        x_test=np.zeros((4, 4), np.float32),
+        y_test=np.arange(4) % 2,
+    )
+    with slots.hold():  # another upload is being checked
+        busy = post_dataset(client, alice, "a.npz", data)
+
+    assert busy.status_code == 503, busy.text
+    assert int(busy.headers["Retry-After"]) > 0
+    assert rows(session, Dataset) == 0
+    assert post_dataset(client, alice, "a.npz", data).status_code == 201
