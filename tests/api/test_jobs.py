@@ -13,8 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.report import JobReport
+from store import lifecycle
 from store.artifacts import job_key
-from store.models import Artifact, Job, JobEvent, ModelRecord, Result
+from store.models import Job, JobEvent, ModelRecord, Result
 from store.settings import Settings
 from tests.api.conftest import Caller, RecordingDispatcher
 
@@ -248,7 +249,7 @@ def test_events_list_the_progress_history(client: TestClient, alice: Caller, ses
 
 
 def test_artifact_download_streams_bytes_matching_the_checksum_header(
-    client: TestClient, alice: Caller, session: Session, settings: Settings
+    client: TestClient, alice: Caller, session: Session, settings: Settings, real_report: JobReport
 ) -> None:
     job_id = submit(client, alice, DIGITS_JOB).json()["id"]
     payload = bytes(range(256)) * 4096  # 1 MiB
@@ -257,10 +258,11 @@ def test_artifact_download_streams_bytes_matching_the_checksum_header(
     path.parent.mkdir(parents=True)
     path.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
-    session.add(
-        Artifact(job_id=job_id, name="model.onnx", size_bytes=len(payload), sha256=digest, location=key)
-    )
-    session.flush()
+    # the artifact row is written the way a worker writes it: its run claims the job, then completes
+    attempt = lifecycle.claim(session, job_id, "w1", lease_seconds=60)
+    assert attempt == 1
+    files = [("model.onnx", len(payload), digest, key)]
+    assert lifecycle.complete(session, job_id, attempt, real_report, files)
 
     listing = client.get(f"/v1/jobs/{job_id}/artifacts", headers=alice.headers).json()
     with client.stream("GET", f"/v1/jobs/{job_id}/artifacts/model.onnx", headers=alice.headers) as resp:
