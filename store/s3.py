@@ -6,7 +6,7 @@ creates it; a service never creates buckets with its own credentials).
 
 boto3 reads the endpoint, region and credentials itself: ``AWS_ENDPOINT_URL`` (or
 ``AWS_ENDPOINT_URL_S3``) for a non-AWS server, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
-``AWS_PROFILE``, ``AWS_DEFAULT_REGION``, an instance role... Nothing here reads ``os.environ``.
+``AWS_PROFILE``, ``AWS_DEFAULT_REGION``, an instance role... Nothing here reads the environment itself.
 
 Local files: uploads are written to a scratch folder first (``temp_dir``); readers that need a
 file on disk (a worker's dataset and weights) get a cached download under

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         default=64 * MIB, ge=1, description="Largest single image file inside a dataset archive."
     )
     max_image_pixels: int = Field(
-        default=4096 * 4096, ge=1, description="Most pixels (width x height) of one image in a dataset archive."
+        default=4096 * 4096,
+        ge=1,
+        description="Most pixels (width x height) of one image in a dataset archive.",
     )
     max_dataset_values: int = Field(
         default=256_000_000,
@@ -260,6 +262,14 @@ def settings_markdown() -> str:
         cell = description.replace("|", "\\|")
         rows.append(f"| `{name}` | `{default}` | {cell} |")
     return "\n".join(rows)
+
+
+def export_to_libraries(name: str, value: str) -> None:
+    """Set a variable that a library reads itself (not a lorita setting), in this process and
+    its children: e.g. prometheus_client's documented ``PROMETHEUS_MULTIPROC_DIR``."""
+    if name.startswith(ENV_PREFIX):
+        raise KeyError(f"{name} is a lorita setting; pass settings to child processes with child_env()")
+    os.environ[name] = value
 
 
 def child_env(

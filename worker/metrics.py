@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from store.settings import export_to_libraries
+
 log = logging.getLogger(__name__)
 
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -171,7 +173,7 @@ def serve_worker_metrics(port: int, var_dir: str | os.PathLike[str]) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=base, prefix=f"worker-{os.getpid()}-"))
     # prometheus_client's documented switch; read by it (not by us) when a metric is created
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    export_to_libraries("PROMETHEUS_MULTIPROC_DIR", str(folder))
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
