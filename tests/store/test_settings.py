@@ -102,3 +102,14 @@ def test_child_env_replaces_this_process_settings_and_refuses_unknown_ones(
         child_env({"databse_url": "x"})
     with pytest.raises(KeyError, match="LORITA_QEUE"):
         child_env(LORITA_QEUE="cpu")
+
+
+def test_only_the_settings_module_reads_the_environment() -> None:
+    root = Path(__file__).resolve().parents[2]
+    readers = sorted(
+        str(path.relative_to(root))
+        for package in ("api", "worker", "store", "cli")
+        for path in (root / package).rglob("*.py")
+        if "os.environ" in (text := path.read_text()) or "getenv(" in text
+    )
+    assert readers == ["store/settings.py"]
