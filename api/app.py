@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import datasets, health, jobs, models
+from api import datasets, health, jobs, models, report_schema
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, models, datasets, jobs):
         app.include_router(module.router)
+    app.include_router(report_schema.router)
     install_metrics(app, settings)  # outermost: counts every answer, 413s included
     return app
 
