@@ -135,16 +135,27 @@ class EnergyPolicy(_Policy):
     energy: float = Field(gt=0.0, le=1.0, description="Fraction of sum(sigma^2) kept per layer.")
 
 
+Allocation = Literal["global", "sensitivity"]
+ALLOCATION_HELP = (
+    "How ranks are shared between layers under the budget. 'global': one threshold on each layer's "
+    "normalized singular values. 'sensitivity': each layer's accuracy cost measured on the validation "
+    "split (one evaluation per layer, within max_evals), then the values buying the most accuracy per "
+    "parameter (or FLOP) are kept (core/allocation.py)."
+)
+
+
 class ParamsBudgetPolicy(_Policy):
     policy: Literal["params_budget"]
     budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's parameters.")
     max_evals: int = Field(default=20, ge=1, le=200)
+    allocation: Allocation = Field(default="global", description=ALLOCATION_HELP)
 
 
 class FlopsBudgetPolicy(_Policy):
     policy: Literal["flops_budget"]
     budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's FLOPs.")
     max_evals: int = Field(default=20, ge=1, le=200)
+    allocation: Allocation = Field(default="global", description=ALLOCATION_HELP)
 
 
 class AccuracyBudgetPolicy(_Policy):

@@ -103,6 +103,11 @@ class LayerRank(_Part):
         description="Why LoRITa did not compose the weight (grouped convolution, excluded by the "
         "patterns, too small); None when it was composed or the job did not train.",
     )
+    warning: str | None = Field(
+        default=None,
+        description="A choice a person should know about, e.g. the classifier truncated below the "
+        "number of classes.",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,8 +119,9 @@ class SearchPoint(_Part):
     """One rank setting the search evaluated on the validation split (a point of the Pareto curve)."""
 
     stage: str = Field(
-        description="reference (dense) | bisection | refine | start | variant | none | uniform | "
-        "global | energy: the step of the policy that proposed it."
+        description="reference (dense) | bisection | refine | start | variant | probe | none | uniform | "
+        "global | energy: the step of the policy that proposed it (probe: one layer truncated alone to "
+        "measure its sensitivity, compress.allocation 'sensitivity')."
     )
     params: int
     flops: int

@@ -461,7 +461,11 @@ def write_plots(out: Path, compression: Compression, config: JobConfig) -> dict[
 
 
 def layer_rows(
-    model: nn.Module, config: JobConfig, compression: Compression, training: TrainingInfo | None
+    model: nn.Module,
+    config: JobConfig,
+    compression: Compression,
+    training: TrainingInfo | None,
+    num_classes: int = 0,
 ) -> dict[str, LayerRank]:
     """One row per matrix-shaped weight of the dense ``model``: what was done with it and why.
 
@@ -506,6 +510,9 @@ def layer_rows(
                     f"({rank} x ({sp.m} + {sp.n}) >= {sp.m} x {sp.n})"
                 )
         rows[key] = row
+    from core.allocation import classifier_warning
+
+    flagged = classifier_warning(spectra, ranks, config.model.num_classes or num_classes)
     for name, sp in spectra.items():  # a layer the truncation handles but find_targets does not list
         if name not in rows:
             rank = int(ranks.get(name, sp.full_rank))
@@ -518,6 +525,8 @@ def layer_rows(
                 factorized=f,
                 reason=None if f else "the policy kept it dense",
             )
+    if flagged is not None and flagged[0] in rows:
+        rows[flagged[0]].warning = flagged[1]
     return rows
 
 
@@ -579,7 +588,7 @@ def assemble(
         ),
         latency_ms=measurements.latency_ms,
         size_bytes=exports.size_bytes,
-        ranks=layer_rows(dense, config, compression, training),
+        ranks=layer_rows(dense, config, compression, training, data.num_classes),
         pareto=[SearchPoint.model_validate(p) for p in compression.search.points],
         search=SearchInfo(evaluations=len(compression.search.points)),
         training=training,
