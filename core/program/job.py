@@ -1,0 +1,163 @@
+"""What the job's stages do differently for a program (``{"model": {"program": "model.pt2"}}``).
+
+Each function here has the zoo counterpart named in its docstring; the stages in
+:mod:`core.stages` and the plan in :mod:`core.plan` call the one that fits the model, so a
+program job runs the same stages (and writes the same report) as a zoo job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import svt
+from core.lorita import WeightTarget
+from core.program.archive import ProgramError
+from core.program.graph import (
+    ProgramModel,
+    apply_program_lorita,
+    compute_program_spectra,
+    export_program,
+    from_exported,
+    program_targets,
+    reinitialize,
+    tied_uses,
+    truncate_program,
+)
+from core.program.load import load_program
+
+PROGRAM_META_FILE = "program.json"  # next to a saved program: what the job knows about it
+
+
+def is_program(model: nn.Module) -> bool:
+    return isinstance(model, ProgramModel)
+
+
+def load_program_model(
+    path: str | Path,
+    display: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    expected_classes: int | None = None,
+    isolate: bool = True,
+) -> ProgramModel:
+    """Load ``path`` (validated, then proven in a child process) and check it fits the dataset.
+
+    The program's input shape must equal the dataset's; its number of logits must be at
+    least the dataset's class count (and equal ``expected_classes`` when the config gives
+    one). Raises ProgramError with both shapes named.
+    """
+    loaded = load_program(path, display, isolate=isolate)
+    model = from_exported(loaded.exported, loaded.input_shape, loaded.num_classes)
+    if tuple(input_shape) != model.input_shape:
+        raise ProgramError(
+            f"{display} takes inputs of shape {list(model.input_shape)} (after the batch) but the "
+            f"dataset's inputs are {list(input_shape)}; export the program with an example input "
+            "of the dataset's shape or choose the matching dataset"
+        )
+    if model.num_classes < num_classes:
+        raise ProgramError(
+            f"{display} returns {model.num_classes} logits per sample, fewer than the dataset's "
+            f"{num_classes} classes; export a model with {num_classes} outputs"
+        )
+    if expected_classes is not None and expected_classes != model.num_classes:
+        raise ProgramError(
+            f"model.num_classes is {expected_classes} but {display} returns {model.num_classes} "
+            "logits per sample; remove model.num_classes (a program fixes it)"
+        )
+    return model
+
+
+def targets_of(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[WeightTarget]:
+    """:func:`core.lorita.find_targets`, for programs too."""
+    if isinstance(model, ProgramModel):
+        return program_targets(model, include, exclude)
+    from core.lorita import find_targets
+
+    return find_targets(model, include, exclude)
+
+
+def compose(
+    model: nn.Module,
+    factors: int,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    *,
+    init: str,
+    seed: int,
+    layer_space: Collection[str] = (),
+    from_scratch: bool = False,
+) -> list[WeightTarget]:
+    """:func:`core.lorita.apply_lorita`, for programs too.
+
+    A program starts from its own weights (an exact balanced factorization) unless
+    ``from_scratch``: then :func:`core.program.graph.reinitialize` gives it fresh weights and
+    the squares start orthogonal with the product equal to that init ('preserve').
+    """
+    if isinstance(model, ProgramModel):
+        if from_scratch:
+            reinitialize(model, seed)
+        return apply_program_lorita(
+            model, factors, include, exclude, init="scratch" if from_scratch else "weights", seed=seed
+        )
+    from core.lorita import apply_lorita
+
+    return apply_lorita(model, factors, include, exclude, init=init, seed=seed, layer_space=layer_space)
+
+
+def spectra_of(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, svt.Spectrum]:
+    """:func:`core.svt.compute_spectra`, for programs too (keyed by parameter name)."""
+    if isinstance(model, ProgramModel):
+        return compute_program_spectra(model, input_shape)
+    return svt.compute_spectra(model, input_shape)
+
+
+def truncate(model: nn.Module, spectra: Mapping[str, svt.Spectrum], ranks: Mapping[str, int]) -> nn.Module:
+    """:func:`core.svt.truncate`, for programs too."""
+    if isinstance(model, ProgramModel):
+        return truncate_program(model, spectra, ranks)
+    return svt.truncate(model, spectra, ranks)
+
+
+def program_info(model: ProgramModel, display: str) -> dict[str, Any]:
+    """What the report and the plan say about the program itself."""
+    return {
+        "file": display,
+        "input_shape": list(model.input_shape),
+        "num_classes": model.num_classes,
+        "norm_mode": model.norm_mode,
+        "tied": tied_uses(model),
+    }
+
+
+def export_program_job(
+    compressed: ProgramModel,
+    dense: ProgramModel,
+    ranks_table: Mapping[str, Mapping[str, Any]],
+    out: Path,
+    formats: Sequence[str],
+    example: torch.Tensor,
+    dense_dir: str,
+) -> dict[str, dict[str, Any]]:
+    """The compressed program in every requested format (safetensors always), parity-checked;
+    the dense program as ``dense_dir/model.pt2`` (what ``select`` reloads)."""
+    files = export_program(compressed, out, formats, example)
+    meta = {
+        "kind": "program",
+        "input_shape": list(compressed.input_shape),
+        "num_classes": compressed.num_classes,
+        "ranks": {k: dict(v) for k, v in ranks_table.items()},
+        "input_scaling": "float32 in 0..1, shape (N, *input_shape), as the dataset",
+    }
+    (out / PROGRAM_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    export_program(dense, out / dense_dir, ["pt2"], example)
+    (out / dense_dir / PROGRAM_META_FILE).write_text(json.dumps({**meta, "ranks": {}}, indent=2) + "\n")
+    return files
