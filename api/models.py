@@ -12,7 +12,7 @@ from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.limits import Offset
 from api.schemas import ModelRead, ModelsRead
-from api.uploads import clean_filename, commit_record, save_upload
+from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
 from store.artifacts import model_key
 from store.models import ModelRecord, new_id
 from store.repositories import models as model_repo
@@ -32,11 +32,15 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _refuse_non_finite(literal: str) -> Any:
+    raise AppError(422, f"options holds {literal}; give finite numbers")
+
+
 def parse_options(text: str | None) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     try:
-        options = json.loads(text)
+        options = json.loads(text, parse_constant=_refuse_non_finite)
     except json.JSONDecodeError as err:
         raise AppError(
             422, f'options is not valid JSON ({err}); send a JSON object, e.g. {{"depth": 3}}'
@@ -46,19 +50,35 @@ def parse_options(text: str | None) -> dict[str, Any]:
     return options
 
 
-def check_upload_against_arch(
-    path: Any, arch: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]
-) -> None:
-    """Build the architecture and check the file's keys and shapes fit it; 422 otherwise."""
-    from core import export, zoo  # torch is imported on first upload, not at startup
+def sized_model(
+    arch: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any], max_parameters: int
+) -> Any:
+    """The architecture on the meta device (shapes only, no memory), refused past the parameter
+    limit: nothing of that size is ever built or read in the API."""
+    from core import zoo  # torch is imported on first upload, not at startup
 
     try:
-        model = zoo.build_model(arch, num_classes, input_shape, options)
-    except (ValueError, TypeError, RuntimeError) as err:
+        model = zoo.build_meta_model(arch, num_classes, input_shape, options)
+    except (ValueError, TypeError) as err:
         raise AppError(422, f"cannot build {arch} with these settings: {err}") from None
+    count = zoo.count_parameters(model)
+    if count > max_parameters:
+        raise AppError(
+            422,
+            f"{arch} with options {json.dumps(options)} has {count} parameters, more than the "
+            f"{max_parameters} accepted (LORITA_MAX_MODEL_PARAMETERS); lower its size options "
+            "(width, depth, width_mult...)",
+        )
+    return model
+
+
+def check_upload_against_arch(path: Any, model: Any) -> None:
+    """Check the file's keys and shapes fit ``model`` (from ``sized_model``) and its values are
+    finite, one tensor at a time; 422 otherwise."""
+    from core import export
+
     try:
-        state = export.load_weights_file(path)
-        export.check_weights(model, state)
+        export.check_weights_file(model, path)
     except export.WeightsError as err:
         raise AppError(422, str(err)) from None
 
@@ -69,6 +89,7 @@ def upload_model(
     tenant: CurrentTenant,
     settings: SettingsDep,
     store: StoreDep,
+    slots: ValidationSlotsDep,
     file: Annotated[
         UploadFile, File(description="Weights: .safetensors, or a weights-only PyTorch state_dict.")
     ],
@@ -89,6 +110,7 @@ def upload_model(
         raise AppError(422, str(err)) from None
     shape = parse_input_shape(input_shape)
     opts = parse_options(options)
+    model = sized_model(arch, num_classes, shape, opts, settings.max_model_parameters)
     filename = clean_filename(file.filename, "weights.safetensors")
     suffix = next((s for s in WEIGHT_SUFFIXES if filename.lower().endswith(s)), ".safetensors")
 
@@ -96,7 +118,8 @@ def upload_model(
     try:
         upload = scratch / f"upload{suffix}"
         size, sha256 = save_upload(file.file, upload, settings.max_upload_bytes)
-        check_upload_against_arch(upload, arch, num_classes, shape, opts)
+        with slots.hold():
+            check_upload_against_arch(upload, model)
         model_id = new_id()
         key = model_key(tenant.id, model_id, f"weights{suffix}")
         store.put_file(key, upload)

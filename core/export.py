@@ -152,7 +152,12 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     """Groups of state_dict keys that are the same tensor (tied weights)."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        ident: tuple[Any, ...] = (
+            # meta tensors have no storage to compare: there, only the same tensor object is tied
+            (id(t),)
+            if t.device.type == "meta"
+            else (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        )
         groups.setdefault(ident, []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
 
@@ -273,9 +278,62 @@ def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # every reader failure is the upload's fault
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"could not read weights: {reason[:300]}; {_WEIGHTS_HINT}") from None
+        raise WeightsError(f"could not read weights: {_unreadable_reason(err, p)}; {_WEIGHTS_HINT}") from None
     return _as_state_dict(obj)
+
+
+def _unreadable_reason(err: Exception, path: Path) -> str:
+    """Why a weights file cannot be read, in the user's terms: never the reader's own text (torch's
+    advice to set weights_only=False, file paths of this machine)."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return (
+            "the PyTorch file holds Python objects besides tensors (a whole pickled model, an "
+            "optimizer or custom classes), which are never loaded; save only the weights with "
+            "torch.save(model.state_dict(), path)"
+        )
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        return "the file is not a complete .safetensors file (its header or data cannot be read)"
+    return "the file is neither a .safetensors file nor a PyTorch state_dict saved with torch.save"
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise WeightsError(
+            f"weights tensor {name} holds NaN or infinite values; a model cannot train from them"
+        )
+
+
+def check_weights_file(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Check an uploaded weights file against ``model`` (build it on the meta device: only shapes
+    are compared) without holding the file in memory: names and shapes from the safetensors header
+    (or a memory map of a PyTorch file), then each tensor, one at a time, for NaN and infinity.
+    Raises WeightsError saying what to fix."""
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors" or _looks_like_safetensors(p):
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in names}
+                check_weights(model, _as_state_dict(shapes))
+                for k in names:
+                    _check_finite(k, f.get_tensor(k))
+            return
+        try:
+            obj: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped; it is small
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
+    except Exception as err:
+        raise WeightsError(f"could not read weights: {_unreadable_reason(err, p)}; {_WEIGHTS_HINT}") from None
+    state = _as_state_dict(obj)
+    check_weights(model, state)
+    for k, t in state.items():
+        _check_finite(k, t)
 
 
 def _listed(items: list[str]) -> str:

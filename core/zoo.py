@@ -145,6 +145,28 @@ def build_model(
     return spec.build(num_classes, input_shape, _resolve_options(spec, options))
 
 
+def build_meta_model(
+    arch: str, num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any] | None = None
+) -> nn.Module:
+    """The model ``build_model`` makes, on the meta device: every shape, no memory, whatever the
+    options (a width of 10^6 costs nothing). For checking options, sizes and uploaded weights.
+
+    Raises ValueError for settings that do not build (unknown options, bad values), as build_model.
+    """
+    try:
+        with torch.device("meta"):
+            return build_model(arch, num_classes, input_shape, options)
+    except (ValueError, TypeError):
+        raise
+    except (RuntimeError, NotImplementedError) as err:  # a builder that reads tensor values
+        raise ValueError(f"{arch} cannot be sized before it is built ({type(err).__name__})") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, tied ones once (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def _resolve_options(spec: ArchSpec, options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:

@@ -334,11 +334,10 @@ def test_npz_errors_name_the_users_file(client: TestClient, alice: Caller) -> No
 # ---------------------------------------------------------------- model uploads
 
 
-@pending
 def test_one_byte_model_with_a_huge_width_is_refused_before_building(
     client: TestClient, alice: Caller, session: Session
 ) -> None:
-    resp = post_model(client, alice, "w.safetensors", b"\0", options=json.dumps({"width": 16000, "depth": 2}))
+    resp = post_model(client, alice, "w.safetensors", b"\0", options=json.dumps({"width": 16000}))
 
     assert resp.status_code == 422, resp.text
     assert "parameters" in detail(resp) and "width" in detail(resp)
@@ -352,7 +351,6 @@ def test_model_options_are_checked_per_architecture_at_upload(client: TestClient
     assert "widht" in detail(resp)
 
 
-@pending
 def test_nan_weights_are_refused_at_upload(
     client: TestClient, alice: Caller, session: Session, tmp_path: Path
 ) -> None:
@@ -375,23 +373,29 @@ def test_nan_weights_are_refused_at_upload(
     assert rows(session, ModelRecord) == 0
 
 
-@pending
+class PickledNote:
+    """A custom class: pickled by reference, so a weights-only load refuses it."""
+
+
 def test_torch_internal_text_never_reaches_the_user(
     client: TestClient, alice: Caller, tmp_path: Path
 ) -> None:
     path = tmp_path / "ckpt.pt"
-    torch.save({"fc.weight": torch.zeros(2, 2), "note": object.__new__(Path)}, path)
+    torch.save({"fc.weight": torch.zeros(2, 2), "note": PickledNote()}, path)
 
     resp = post_model(client, alice, "ckpt.pt", path.read_bytes())
 
     assert resp.status_code == 422, resp.text
     text = detail(resp)
-    assert (
-        "weights_only" not in text
-        and "WeightsUnpickler" not in text
-        and "torch" not in text.lower().split("torch.save")[0]
-    )
-    assert "state_dict" in text
+    for internal in (
+        "weights_only",
+        "WeightsUnpickler",
+        "Unsupported global",
+        "add_safe_globals",
+        "PickledNote",
+    ):
+        assert internal not in text
+    assert "torch.save(model.state_dict(), path)" in text
 
 
 # ---------------------------------------------------------------- job configs
