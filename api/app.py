@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import datasets, health, jobs, models, report_schema
+from api import datasets, health, jobs, models, operating_points, report_schema
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
@@ -82,8 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
         file_limit=settings.max_upload_bytes,
+        json_max_bytes=settings.max_json_bytes,
     )
-    for module in (health, models, datasets, jobs):
+    for module in (health, models, datasets, jobs, operating_points):
         app.include_router(module.router)
     app.include_router(report_schema.router)
     install_metrics(app, settings)  # outermost: counts every answer, 413s included
