@@ -510,40 +510,6 @@ def truncate_program(
     return out
 
 
-def layer_table(
-    targets: Sequence[WeightTarget],
-    spectra: Mapping[str, svt.Spectrum],
-    ranks: Mapping[str, int],
-    composed: Collection[str] = (),
-    tied: Mapping[str, int] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """One row per weight-like parameter: composed or not, truncated or not, and why."""
-    table: dict[str, dict[str, Any]] = {}
-    tied = tied or {}
-    for t in targets:
-        row: dict[str, Any] = {"kind": t.kind, "shape": list(t.matrix_shape), "composed": t.name in composed}
-        sp = spectra.get(t.name)
-        if sp is None:
-            row.update(factorized=False, reason=t.reason or "not eligible")
-        else:
-            rank = int(ranks.get(t.name, sp.full_rank))
-            factorized = sp.factorizes(rank)
-            row.update(
-                full_rank=sp.full_rank, kept_rank=rank if factorized else sp.full_rank, factorized=factorized
-            )
-            if factorized:
-                reason = f"chosen rank {rank} of {sp.full_rank}"
-            elif rank >= sp.full_rank:
-                reason = "full rank kept"
-            else:
-                reason = f"rank {rank} would not save parameters (r(m+n) >= mn); left dense"
-            if t.name in tied:
-                reason += f"; tied: one pair serves all {tied[t.name]} uses"
-            row["reason"] = reason
-        table[t.name] = row
-    return table
-
-
 # ---------------------------------------------------------------------------------------
 # exports
 # ---------------------------------------------------------------------------------------

@@ -161,3 +161,55 @@ def export_program_job(
     export_program(dense, out / dense_dir, ["pt2"], example)
     (out / dense_dir / PROGRAM_META_FILE).write_text(json.dumps({**meta, "ranks": {}}, indent=2) + "\n")
     return files
+
+
+def program_layer_rows(
+    model: ProgramModel,
+    targets: Sequence[WeightTarget],
+    spectra: Mapping[str, svt.Spectrum],
+    ranks: Mapping[str, int],
+    composed: Collection[str] | None,
+    skipped: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One row per weight-like parameter of the dense program (keyed by its name), as the report's
+    :class:`core.report.LayerRank` fields: composed or not and why, truncated or not and why.
+
+    ``composed`` is None when the job did not train. ``reason`` is None for a truncated
+    weight (``kept_rank`` is the chosen rank); ``uses`` counts the ops reading each weight.
+    """
+    from core.program.graph import program_weights
+
+    uses = {w.name: len(w.uses) for w in program_weights(model)}
+    skipped = skipped or {}
+    rows: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        m, n = t.matrix_shape
+        sp = spectra.get(t.name)
+        row: dict[str, Any] = {
+            "kind": t.kind,
+            "shape": [m, n] if sp is None else [sp.m, sp.n],
+            "full_rank": min(m, n) if sp is None else sp.full_rank,
+            "kept_rank": min(m, n) if sp is None else sp.full_rank,
+            "factorized": False,
+            "composed": None if composed is None else t.name in composed,
+            "compose_reason": None
+            if composed is None or t.name in composed
+            else (skipped.get(t.name) or t.reason or "not composed"),
+            "reason": None,
+            "uses": uses.get(t.name),
+        }
+        if sp is None:
+            row["reason"] = t.reason or "not read as a linear or convolution weight"
+        else:
+            rank = int(ranks.get(t.name, sp.full_rank))
+            if sp.factorizes(rank):
+                row["kept_rank"], row["factorized"] = rank, True
+            elif rank >= sp.full_rank:
+                row["reason"] = "the policy kept every singular value"
+            else:
+                row["reason"] = (
+                    f"a thin pair of rank {rank} would not save parameters "
+                    f"({rank} x ({sp.m} + {sp.n}) >= {sp.m} x {sp.n})"
+                )
+        rows[t.name] = row
+    return rows

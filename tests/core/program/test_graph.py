@@ -27,12 +27,12 @@ from core.program.graph import (
     compute_program_spectra,
     export_program,
     from_exported,
-    layer_table,
     program_targets,
     reinitialize,
     tied_uses,
     truncate_program,
 )
+from core.program.job import program_layer_rows
 from core.program.load import load_program
 
 
@@ -273,11 +273,14 @@ def test_targets_explain_every_weight() -> None:
     spectra = compute_program_spectra(model)
     assert spectra["hidden.weight"].positions == 2  # both uses are counted
     tried = {"inp.weight": 7, "hidden.weight": 3, "head.weight": 3}
-    table = layer_table(list(rows.values()), spectra, tried, composed=["inp.weight"], tied=tied_uses(model))
-    assert table["hidden.weight"]["factorized"] and "tied" in table["hidden.weight"]["reason"]
-    assert table["proj.weight"]["reason"].startswith("tied")
+    table = program_layer_rows(model, list(rows.values()), spectra, tried, composed=["inp.weight"])
+    assert table["hidden.weight"]["factorized"] and table["hidden.weight"]["uses"] == 2
+    assert table["hidden.weight"]["kept_rank"] == 3 and table["hidden.weight"]["reason"] is None
+    assert table["hidden.weight"]["compose_reason"] == "not composed"
+    assert table["proj.weight"]["reason"].startswith("tied") and table["proj.weight"]["uses"] == 2
+    assert table["proj.weight"]["compose_reason"].startswith("tied")
     assert "would not save" in table["inp.weight"]["reason"]  # 7 x (16 + 12) > 16 x 12
-    assert table["head.weight"]["reason"] == "full rank kept"
+    assert table["head.weight"]["reason"] == "the policy kept every singular value"
     assert table["inp.weight"]["composed"] and not table["hidden.weight"]["composed"]
 
     ranks = {"inp.weight": 2, "hidden.weight": 3, "head.weight": 3}
