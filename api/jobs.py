@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep, TenantRef
 from api.downloads import artifact_response
 from api.errors import AppError
+from api.job_checks import check_job_size
 from api.limits import MAX_QUERY_INT, Offset
 from api.schemas import (
     ArtifactRead,
@@ -106,6 +107,7 @@ def create_job(
     referenced by id: ``"model": {"arch": "fcn", "weights": "<model id>"}``, ``"dataset": {"id": "<id>"}``.
     The job is stored before it is queued; poll ``GET /v1/jobs/{id}`` for progress."""
     config = resolve_references(session, tenant, config)
+    check_job_size(session, tenant.id, config, settings)
     stored = config.model_dump(mode="json")
     job, created = job_repo.create(
         session,

@@ -7,17 +7,48 @@ error a person sees, never a setting silently ignored.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ExportFormat = Literal["safetensors", "pt2", "onnx"]
 ALL_EXPORTS: tuple[ExportFormat, ...] = ("safetensors", "pt2", "onnx")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are refused in every float field (JSON has no such numbers: stored, they
+    # would come back as null)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+MAX_OPTIONS = 64  # keys of model.options
+MAX_PATTERNS = 1000  # entries of train.include / train.exclude
+SEED_MAX = 2**32 - 1  # the seeds numpy and every torch generator accept
+MAX_SIZE = 4096  # one dimension of a synthetic input_shape
+
+
+def _plain_json(value: Any, where: str, depth: int = 0) -> None:
+    """Options are JSON scalars or short lists of them: finite numbers, strings, booleans."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}; give a finite number")
+    if isinstance(value, str) and len(value) > 200:
+        raise ValueError(f"{where} is a string of {len(value)} characters; at most 200")
+    if isinstance(value, list | dict):
+        if depth >= 2 or len(value) > 64:
+            raise ValueError(f"{where} is nested too deep or too long; options are plain values")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            _plain_json(v, f"{where}.{k}", depth + 1)
 
 
 class ModelConfig(_Strict):
@@ -43,6 +74,27 @@ class ModelConfig(_Strict):
         check_arch(arch)
         return arch
 
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if len(options) > MAX_OPTIONS:
+            raise ValueError(f"{len(options)} options; an architecture takes at most {MAX_OPTIONS}")
+        for key, value in options.items():
+            _plain_json(value, key)
+        arch = info.data.get("arch")
+        if isinstance(arch, str):
+            from core import zoo
+
+            if arch in zoo.architectures():  # torchvision:<name> options are checked when it is built
+                defaults = zoo.arch_spec(arch).defaults
+                unknown = sorted(set(options) - set(defaults))
+                if unknown:
+                    valid = ", ".join(f"{k} (default {v!r})" for k, v in defaults.items())
+                    raise ValueError(
+                        f"unknown option(s) {', '.join(unknown)} for {arch}; valid options: {valid}"
+                    )
+        return options
+
 
 BUILTIN_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
 
@@ -60,7 +112,9 @@ class DatasetConfig(_Strict):
     image_size: int | None = Field(default=None, ge=8, le=1024, description="Resize ImageFolder images.")
     # synthetic only
     num_classes: int | None = Field(default=None, ge=2, le=1000)
-    input_shape: list[int] | None = Field(default=None, min_length=1, max_length=3)
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_SIZE)]] | None = Field(
+        default=None, min_length=1, max_length=3
+    )
     n_train: int | None = Field(default=None, ge=10, le=200_000)
     n_test: int | None = Field(default=None, ge=10, le=100_000)
 
@@ -91,7 +145,7 @@ class TrainConfig(_Strict):
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_size: int = Field(default=128, ge=1, le=65_536)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     amp: bool = Field(default=True, description="bf16 autocast on CUDA; ignored on CPU.")
     composition: Literal["weight", "auto"] = Field(
         default="weight",
@@ -106,10 +160,14 @@ class TrainConfig(_Strict):
         "decaying spectrum, as in the paper's code). 'preserve': the product equals the layer's default "
         "init, square factors orthogonal. Ignored when model.weights are given (exact factorization).",
     )
-    include: list[str] = Field(
-        default_factory=list, description="fnmatch patterns of module names to compose."
+    include: list[Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=list,
+        max_length=MAX_PATTERNS,
+        description="fnmatch patterns of module names to compose.",
     )
-    exclude: list[str] = Field(default_factory=list, description="fnmatch patterns of module names to skip.")
+    exclude: list[Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=list, max_length=MAX_PATTERNS, description="fnmatch patterns of module names to skip."
+    )
 
 
 class _Policy(_Strict):
@@ -209,7 +267,9 @@ class MeasureConfig(_Strict):
     latency: bool = True
     latency_repeats: int = Field(default=20, ge=1, le=1000)
     threads: int = Field(default=1, ge=1, le=256)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
+        default_factory=lambda: [1, 64], min_length=1, max_length=16
+    )
 
 
 class JobConfig(_Strict):

@@ -1,0 +1,97 @@
+"""What ``POST /v1/jobs`` checks beyond the schema: the model's size and the data's, from the
+config and the upload records alone (the model is sized on the meta device, nothing is loaded).
+
+A job that passes can be built by a worker within the operator's limits; one that cannot is a
+422 naming the field to change, at submission, instead of a failure minutes into its run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from api.errors import AppError
+from core.config import JobConfig
+from store.repositories import datasets as dataset_repo
+from store.settings import Settings
+
+# (input shape, samples in train + test, classes) of the built-in datasets
+_BUILTIN_DATA: dict[str, tuple[tuple[int, ...], int, int]] = {
+    "digits": ((64,), 1797, 10),
+    "mnist": ((1, 28, 28), 70_000, 10),
+    "fashion-mnist": ((1, 28, 28), 70_000, 10),
+    "cifar10": ((3, 32, 32), 60_000, 10),
+    "cifar100": ((3, 32, 32), 60_000, 100),
+}
+SYNTHETIC_DEFAULTS = ((3, 32, 32), 2048, 512, 10)  # input_shape, n_train, n_test, num_classes
+
+
+@dataclass(frozen=True)
+class DataShape:
+    input_shape: tuple[int, ...]
+    samples: int
+    num_classes: int
+    where: str  # the config field a person changes to shrink it
+
+
+def data_shape(session: Session, tenant_id: str, config: JobConfig) -> DataShape | None:
+    """The shape of the job's data as the worker will hold it, or None where it is not known here."""
+    ds = config.dataset
+    if ds.name == "synthetic":
+        default_shape, n_train, n_test, classes = SYNTHETIC_DEFAULTS
+        return DataShape(
+            tuple(ds.input_shape or default_shape),
+            (ds.n_train or n_train) + (ds.n_test or n_test),
+            ds.num_classes or classes,
+            "dataset",
+        )
+    if ds.name is not None and ds.name in _BUILTIN_DATA:
+        builtin_shape, samples, classes = _BUILTIN_DATA[ds.name]
+        return DataShape(builtin_shape, samples, classes, "dataset")
+    if ds.id is not None:
+        record = dataset_repo.get_for_tenant(session, tenant_id, ds.id)
+        if record is None:
+            return None  # reported by the reference check
+        shape: tuple[int, ...] = tuple(record.input_shape)
+        if record.kind == "imagefolder" and ds.image_size is not None:
+            shape = (3, ds.image_size, ds.image_size)
+        where = "dataset.image_size" if record.kind == "imagefolder" else "dataset"
+        return DataShape(shape, record.n_train + record.n_test, record.num_classes, where)
+    return None
+
+
+def check_job_size(session: Session, tenant_id: str, config: JobConfig, settings: Settings) -> None:
+    """422 when the job's data or model is past the operator's limits, or its options do not build."""
+    data = data_shape(session, tenant_id, config)
+    if data is None:
+        return
+    values = data.samples * math.prod(data.input_shape)
+    if values > settings.max_dataset_values:
+        raise AppError(
+            422,
+            f"{data.where}: {data.samples} samples of shape {list(data.input_shape)} are {values} values, "
+            f"more than the {settings.max_dataset_values} a worker holds (LORITA_MAX_DATASET_VALUES); "
+            "use fewer or smaller samples",
+        )
+    model = config.model
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, str):
+        return  # an uploaded program is checked when it is uploaded
+    from core import zoo
+
+    num_classes = model.num_classes or data.num_classes
+    try:
+        meta = zoo.build_meta_model(arch, num_classes, data.input_shape, model.options)
+    except (ValueError, TypeError) as err:
+        raise AppError(422, f"model.options: {arch} cannot be built with these settings: {err}") from None
+    count = zoo.count_parameters(meta)
+    if count > settings.max_model_parameters:
+        raise AppError(
+            422,
+            f"model.options: {arch} with options {json.dumps(model.options)} on inputs of shape "
+            f"{list(data.input_shape)} has {count} parameters, more than the {settings.max_model_parameters} "
+            "accepted (LORITA_MAX_MODEL_PARAMETERS); lower its size options (width, depth, width_mult...)",
+        )
