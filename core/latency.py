@@ -42,6 +42,7 @@ from torch import nn
 from core.layers import empty_thin_pair, matrix_shape, saves_parameters
 
 Runtime = Literal["onnxruntime", "torch"]
+Statistic = Literal["median", "min"]
 RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "torch")
 Runner = Callable[[], None]
 
@@ -112,10 +113,11 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def interleaved_medians(
+def interleaved_times(
     runners: Mapping[str, Runner], repeats: int = DEFAULT_REPEATS, warmup: int = DEFAULT_WARMUP
-) -> dict[str, float]:
-    """Median milliseconds per runner; each round runs every runner once, in rotated order."""
+) -> dict[str, list[float]]:
+    """Milliseconds of each call per runner; each of ``repeats`` rounds runs every runner
+    once, starting at a rotating position, after ``warmup`` calls of each."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(runners)
@@ -129,7 +131,29 @@ def interleaved_medians(
             start = time.perf_counter()
             runners[name]()
             times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: float(statistics.median(ts)) for name, ts in times.items()}
+    return times
+
+
+def summarize_times(times: Sequence[float], statistic: Statistic = "median") -> float:
+    """The median of ``times``, or their minimum.
+
+    Note: "min" is what the searches compare. On a loaded machine the noise only ever adds
+    time (preemption, cache eviction), so the fastest of the repeats is the most stable
+    estimate of what an op costs; the report gives medians, what a user sees typically.
+    """
+    return float(min(times) if statistic == "min" else statistics.median(times))
+
+
+def interleaved_medians(
+    runners: Mapping[str, Runner],
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    statistic: Statistic = "median",
+) -> dict[str, float]:
+    """Milliseconds per runner (the median, or the ``statistic`` asked for) over interleaved
+    rounds (:func:`interleaved_times`)."""
+    times = interleaved_times(runners, repeats, warmup)
+    return {name: summarize_times(ts, statistic) for name, ts in times.items()}
 
 
 def measure_latency(
@@ -142,6 +166,7 @@ def measure_latency(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     device: torch.device | None = None,
+    statistic: Statistic = "median",
 ) -> dict[str, dict[int, float]]:
     """Median ms per model and batch size, the models of one batch size interleaved.
 
@@ -164,7 +189,7 @@ def measure_latency(
                     if not isinstance(model, nn.Module):
                         raise TypeError(f"{name}: the torch runtime times modules, not files")
                     runners[name] = torch_runner(model, input_shape, batch, dev)
-            for name, ms in interleaved_medians(runners, repeats, warmup).items():
+            for name, ms in interleaved_medians(runners, repeats, warmup, statistic).items():
                 out[name][batch] = ms
     return out
 
@@ -329,13 +354,17 @@ def breakeven_rank(m: int, n: int) -> int:
 
 
 def rank_grid(m: int, n: int, full_rank: int, multiple: int = 1, points: int = GRID_POINTS) -> list[int]:
-    """Up to ``points`` saving ranks from small to the break-even rank, on multiples of ``multiple``."""
+    """Up to ``points`` saving ranks, halving from the break-even rank down, on multiples of ``multiple``.
+
+    Note: halving (top, top/2, top/4, ...) puts more points at small ranks, where a latency
+    budget usually lands and where fixed per-op costs make time least proportional to rank.
+    """
     top = min(full_rank - 1, breakeven_rank(m, n))
     if top < 1:
         return []
     ranks: set[int] = set()
-    for i in range(1, points + 1):
-        r = max(1, round(top * i / points))
+    for i in range(points):
+        r = max(1, round(top / 2**i))
         if multiple > 1 and r >= multiple:
             r = (r // multiple) * multiple
         ranks.add(min(r, top))
@@ -351,19 +380,27 @@ class LayerLatency:
     ranks: list[int] = field(default_factory=list)
     thin_ms: list[float] = field(default_factory=list)
 
+    def envelope(self) -> list[float]:
+        """The measured thin-pair times made non-decreasing in the rank: each is the least
+        time measured at that rank or above (timing noise only ever adds time)."""
+        out = list(self.thin_ms)
+        for i in range(len(out) - 2, -1, -1):
+            out[i] = min(out[i], out[i + 1])
+        return out
+
     def at(self, rank: int) -> float:
-        """Thin-pair ms at ``rank``: linear between grid ranks, the nearest segment beyond them."""
+        """Thin-pair ms at ``rank`` on the :meth:`envelope`: linear between grid ranks, flat
+        below the smallest, along the last segment above the largest."""
         if not self.ranks:
             return self.dense_ms
-        if len(self.ranks) == 1:
-            return self.thin_ms[0]
-        xs, ys = self.ranks, self.thin_ms
+        xs, ys = self.ranks, self.envelope()
+        if len(xs) == 1 or rank <= xs[0]:
+            return ys[0]
         i = 1
         while i < len(xs) - 1 and rank > xs[i]:
             i += 1
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        value = y0 + (y1 - y0) * (rank - x0) / (x1 - x0)
-        return max(0.0, value)
+        return max(0.0, y0 + (y1 - y0) * (rank - x0) / (x1 - x0))
 
     @property
     def always_slower(self) -> bool:
@@ -404,6 +441,18 @@ class LatencyTable:
         """Predicted latency of the model at ``ranks``: measured dense ms + the layers' deltas."""
         return max(0.0, dense_ms + self.delta_ms(ranks, factorized))
 
+    def merged(self, other: LatencyTable) -> LatencyTable:
+        """Per op the faster of the two measurements (same layers and grids; see "min")."""
+        layers: dict[str, LayerLatency] = {}
+        for name, lat in self.layers.items():
+            o = other.layers.get(name)
+            if o is None or o.ranks != lat.ranks:
+                layers[name] = lat
+                continue
+            thin = [min(a, b) for a, b in zip(lat.thin_ms, o.thin_ms, strict=True)]
+            layers[name] = LayerLatency(name, min(lat.dense_ms, o.dense_ms), list(lat.ranks), thin)
+        return LatencyTable(self.runtime, self.batch_size, self.threads, layers)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "runtime": self.runtime,
@@ -427,16 +476,20 @@ def build_latency_table(
     warmup: int = DEFAULT_WARMUP,
     device: torch.device | None = None,
     grids: Mapping[str, Sequence[int]] | None = None,
+    statistic: Statistic = "min",
+    passes: int = 2,
 ) -> LatencyTable:
     """Measure each named layer alone: dense vs thin pair at a grid of ranks (interleaved).
 
     ``grids`` overrides the grid per layer; otherwise :func:`rank_grid` with ``multiple``.
+    Each op's figure is the fastest of ``repeats`` (``statistic``; see :func:`interleaved_medians`).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     dev = device or torch.device("cpu")
     shapes = layer_input_shapes(model, names, input_shape)
     table = LatencyTable(runtime=runtime, batch_size=batch, threads=threads)
+    plans: dict[str, tuple[list[int], dict[str, Runner]]] = {}
     with torch_threads(threads if runtime == "torch" else None):
         for name in names:
             if name not in shapes:
@@ -453,8 +506,20 @@ def build_latency_table(
                     runners[key] = onnx_runner(layer_onnx(layer, shape, rank), shape, batch, threads)
                 else:
                     runners[key] = torch_runner(layer_module(layer, rank), shape, batch, dev)
-            ms = interleaved_medians(runners, repeats, warmup)
-            table.layers[name] = LayerLatency(name, ms["dense"], list(grid), [ms[str(r)] for r in grid])
+            plans[name] = (grid, runners)
+        # Note: the layers are measured in ``passes`` sweeps, so each op's repeats are spread
+        # over time and a burst of load on a shared machine cannot spoil all of one op's.
+        collected: dict[str, dict[str, list[float]]] = {name: {} for name in plans}
+        for sweep in range(max(1, passes)):
+            for name, (_, runners) in plans.items():
+                got = interleaved_times(
+                    runners, max(1, repeats // max(1, passes)), warmup if sweep == 0 else 0
+                )
+                for key, ts in got.items():
+                    collected[name].setdefault(key, []).extend(ts)
+    for name, (grid, _) in plans.items():
+        ms = {key: summarize_times(ts, statistic) for key, ts in collected[name].items()}
+        table.layers[name] = LayerLatency(name, ms["dense"], list(grid), [ms[str(r)] for r in grid])
     return table
 
 

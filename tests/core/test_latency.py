@@ -151,7 +151,7 @@ def test_rank_grid_saves_and_is_sorted() -> None:
         assert grid == sorted(set(grid))
         assert all(1 <= r < min(m, n) and r * (m + n) < m * n for r in grid)
     assert rank_grid(2, 2, 2) == []  # no rank of a 2 x 2 layer saves
-    assert rank_grid(128, 128, 128, 8) == [8, 24, 32, 48, 56]
+    assert rank_grid(128, 128, 128, 8) == [4, 8, 16, 32, 56]
 
 
 def test_interpolation_and_prediction_by_hand() -> None:
