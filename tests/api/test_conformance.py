@@ -1,4 +1,5 @@
-"""HTTP conformance: a database outage is a 503 with Retry-After on every route that needs it."""
+"""HTTP conformance: 503 + Retry-After while the database is down, HEAD/OPTIONS/405 on every route,
+error responses declared in the schema as they are sent, and schemathesis over every operation."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from api.deps import get_session
 from api.dispatch import get_broker_ping, get_dispatcher
 from store.db import dispose_engines
 from store.settings import Settings
-from tests.api.conftest import BrokerState, RecordingDispatcher
+from tests.api.conftest import BrokerState, Caller, RecordingDispatcher
+
+DIGITS_JOB = {
+    "model": {"arch": "fcn", "options": {"depth": 2, "width": 16}},
+    "dataset": {"name": "digits"},
+    "train": {"epochs": 1},
+}
 
 pytestmark = pytest.mark.postgres
 
@@ -45,7 +52,7 @@ def test_every_route_that_reads_the_database_answers_503_with_retry_after_while_
     headers = {"Authorization": "Bearer lorita_not-a-real-key"}
     checked = []
     for route in iter_route_contexts(down_app.routes):
-        if not _needs_session(getattr(route, "dependant", None)):
+        if not route.path.startswith("/v1/") or not _needs_session(getattr(route, "dependant", None)):
             continue
         path = re.sub(r"\{[^}]+\}", "x", route.path)
         for method in sorted(route.methods):
@@ -76,3 +83,95 @@ def test_a_cached_key_still_gets_503_not_500_when_the_database_goes_away(
 
     assert resp.status_code == 503, resp.text
     assert resp.headers["Retry-After"] == "5"
+
+
+# ---------------------------------------------------------------- methods
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "x", path).replace("{", "").replace("}", "")
+
+
+def test_head_answers_like_get_without_a_body_on_every_get_route(client: TestClient, alice: Caller) -> None:
+    job = client.post("/v1/jobs", headers=alice.headers, json=DIGITS_JOB).json()
+    checked = 0
+    for route in iter_route_contexts(client.app.routes):  # type: ignore[attr-defined]
+        methods = getattr(route, "methods", None) or set()
+        if "GET" not in methods or "{name" in route.path or route.path.endswith("/stream"):
+            continue
+        if route.path == "/v1/jobs/{job_id}":
+            continue  # its GET closes the test's shared session: checked once, below
+        path = re.sub(r"\{[^}]+\}", job["id"], route.path)
+        got = client.get(path, headers=alice.headers)
+        head = client.head(path, headers=alice.headers)
+        assert head.status_code == got.status_code, (route.path, head.status_code, got.status_code)
+        assert head.content == b""
+        assert head.headers.get("content-type") == got.headers.get("content-type")
+        checked += 1
+    assert checked >= 10
+    head = client.head(f"/v1/jobs/{job['id']}", headers=alice.headers)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) > 0  # the length GET would send
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/v1/jobs", "GET, HEAD, OPTIONS, POST"),
+        ("/v1/models", "GET, HEAD, OPTIONS, POST"),
+        ("/v1/datasets", "GET, HEAD, OPTIONS, POST"),
+        ("/v1/jobs/abc/cancel", "OPTIONS, POST"),
+        ("/healthz", "GET, HEAD, OPTIONS"),
+        ("/v1/jobs/abc/artifacts/sub/model.onnx", "GET, HEAD, OPTIONS"),
+    ],
+)
+def test_options_lists_every_method_of_the_path(client: TestClient, path: str, allowed: str) -> None:
+    resp = client.options(path)
+
+    assert resp.status_code == 204
+    assert resp.headers["Allow"] == allowed
+
+
+def test_a_method_the_path_lacks_is_405_listing_all_its_methods(client: TestClient, alice: Caller) -> None:
+    resp = client.put("/v1/jobs", headers=alice.headers, json={})
+
+    assert resp.status_code == 405
+    assert resp.headers["Allow"] == "GET, HEAD, OPTIONS, POST"
+    assert "PUT" in resp.json()["detail"]
+
+
+def test_an_unknown_path_stays_404(client: TestClient) -> None:
+    assert client.options("/v1/nothing-here").status_code == 404
+    assert client.head("/v1/nothing-here").status_code == 404
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_422_bodies_match_the_schema(client: TestClient, alice: Caller) -> None:
+    schema = client.get("/openapi.json").json()
+    declared = schema["paths"]["/v1/jobs"]["post"]["responses"]["422"]["content"]["application/json"][
+        "schema"
+    ]
+    assert declared == {"$ref": "#/components/schemas/ErrorBody"}
+    assert schema["components"]["schemas"]["ErrorBody"]["required"] == ["detail"]
+
+    body = client.post("/v1/jobs", headers=alice.headers, json={"model": {}}).json()
+
+    assert set(body) == {"detail"} and isinstance(body["detail"], str)
+
+
+def test_every_secured_operation_declares_401_and_503_and_path_objects_404(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            codes = set(op["responses"])
+            if op.get("security"):
+                assert {"401", "503"} <= codes, (method, path)
+                assert "Retry-After" in op["responses"]["503"]["headers"]
+            if "{" in path:
+                assert "404" in codes, (method, path)
+            if "requestBody" in op:
+                assert "413" in codes, (method, path)
+    uploads = schema["paths"]["/v1/datasets"]["post"]["responses"]
+    assert {"409", "413", "422", "429", "503"} <= set(uploads)
