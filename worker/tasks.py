@@ -28,7 +28,7 @@ from store.db import dispose_engines, session_scope
 from store.jobfiles import JobFiles
 from store.logging import job_context
 from store.models import Job
-from store.settings import get_settings
+from store.settings import Settings, get_settings
 from store.status import JobStatus
 from worker.celery_app import TASK_RUN_JOB, app
 from worker.metrics import RunHooks, failure_reason, record_run
@@ -162,7 +162,21 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
         assert job is not None  # we just claimed it
         raw_config, tenant_id = dict(job.config), job.tenant_id
     log.info("job %s: attempt %d started", job_id, attempt)
+    reporter = JobReporter(job_id, attempt, settings.lease_seconds)
+    # the lease is renewed from the claim on: importing torch, fetching inputs from S3 and uploading
+    # outputs take time too
+    with reporter:
+        return _run_attempt(job_id, attempt, raw_config, tenant_id, settings, reporter)
 
+
+def _run_attempt(
+    job_id: str,
+    attempt: int,
+    raw_config: dict[str, Any],
+    tenant_id: str,
+    settings: Settings,
+    reporter: JobReporter,
+) -> str:
     from core.config import ConfigError, parse_config
     from core.pipeline import run_job
     from core.progress import JobCanceled, JobError
@@ -172,7 +186,6 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
     store = get_artifact_store(settings)
     # each attempt writes its own folder, so a superseded run cannot touch recorded files
     files = JobFiles(store, tenant_id, job_id, attempt)
-    reporter = JobReporter(job_id, attempt, settings.lease_seconds)
     hooks = RunHooks(
         reporter.progress, reporter.should_stop, settings.job_wall_seconds, on_epoch=files.sync_checkpoint
     )
@@ -183,14 +196,13 @@ def execute_job(job_id: str, worker: str | None = None) -> str:
                 session, tenant_id, parse_config(raw_config), store.local_path, settings
             )
         out_dir, work_dir = files.prepare()
-        with reporter:
-            report = run_job(
-                config,
-                out_dir,
-                work_dir=work_dir,
-                progress=hooks.progress,
-                should_stop=hooks.should_stop,
-            )
+        report = run_job(
+            config,
+            out_dir,
+            work_dir=work_dir,
+            progress=hooks.progress,
+            should_stop=hooks.should_stop,
+        )
         hooks.end_stage()
         artifacts = files.collect()
         with session_scope() as session:
