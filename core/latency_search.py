@@ -444,3 +444,37 @@ def make_probe(
         return got["candidate"][batch], got["dense"][batch]
 
     return Probe(table, dense_ms, measure, measure_table)
+
+
+# ---------------------------------------------------------------------------------------
+# compress.round_to for the other policies
+# ---------------------------------------------------------------------------------------
+
+
+def round_result(
+    result: SearchResult,
+    spectra: Mapping[str, Spectrum],
+    multiple: int,
+    evaluate: Evaluate,
+    other_params: int,
+    other_flops: int,
+) -> SearchResult:
+    """``result`` with its chosen ranks rounded to ``multiple`` (:mod:`core.rounding`).
+
+    When rounding changes the ranks, the rounded model is evaluated on validation (one more
+    evaluation, stage ``"rounded"``) and becomes the chosen point; the policy's own choice
+    stays on the curve. Rounding up never makes a layer bigger than its dense weight.
+    """
+    if multiple <= 1:
+        return result
+    rounded = svt.effective_ranks(spectra, round_ranks(spectra, result.ranks, multiple))
+    if rounded == svt.effective_ranks(spectra, result.ranks):
+        return result
+    book = _Book(spectra, other_params, other_flops, evaluate, max_evals=len(result.points) + 1)
+    book.points = list(result.points)
+    for p in book.points:
+        book._cache[book.key(p.ranks)] = p
+    point = book.point(rounded, Label("rounded", step=multiple))
+    for p in book.points:
+        p.chosen = p is point
+    return SearchResult(dict(point.ranks), book.points)

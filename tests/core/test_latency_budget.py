@@ -139,3 +139,27 @@ def test_a_measured_miss_is_refused_with_the_fastest_found() -> None:
     assert 2 <= len(calls) <= 3
     # each retry tightened the predicted limit
     assert len({tuple(sorted(c.items())) for c in calls}) >= 2
+
+
+def test_round_result_evaluates_and_chooses_the_rounded_point() -> None:
+    from core.config import UniformPolicy
+    from core.latency_search import round_result
+    from core.search import choose
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    spectra = svt.compute_spectra(model, (64,))
+    calls: list[svt.Ranks] = []
+
+    def evaluate(ranks: svt.Ranks) -> float:
+        calls.append(dict(ranks))
+        return 0.5
+
+    result = choose(UniformPolicy(policy="uniform", keep=0.3), spectra, 0, 0, evaluate)
+    assert result.ranks == {"0": 20, "2": 20}
+    rounded = round_result(result, spectra, 8, evaluate, 0, 0)
+    assert rounded.ranks == {"0": 24, "2": 24}
+    assert rounded.chosen.stage == "rounded" and len(rounded.points) == len(result.points) + 1
+    assert calls[-1] == {"0": 24, "2": 24}
+    assert sum(p.chosen for p in rounded.points) == 1
+    assert round_result(result, spectra, 1, evaluate, 0, 0) is result
