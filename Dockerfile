@@ -30,11 +30,13 @@ COPY cli ./cli
 COPY migrations ./migrations
 COPY examples ./examples
 RUN pip install . \
-    && mkdir -p /data/artifacts /data/var \
+    && mkdir -p /data/artifacts /data/var /data/work \
     && chown -R lorita:lorita /data
 
 ENV LORITA_ENV=production \
     LORITA_ARTIFACT_DIR=/data/artifacts \
+    LORITA_WORK_DIR=/data/work \
+    LORITA_LOG_FORMAT=json \
     LORITA_VAR_DIR=/data/var \
     LORITA_BROKER_DIR=/data/var/broker
 
