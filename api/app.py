@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import datasets, health, jobs, models, operating_points, report_schema
+from api import datasets, health, jobs, models, operating_points, report_schema, ui
 from api.conformance import install as install_conformance
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, models, datasets, jobs, operating_points):
         app.include_router(module.router)
+    ui.install(app)  # the page at /ui
     app.include_router(report_schema.router)
     install_conformance(app)  # HEAD, OPTIONS and 405 Allow on every route; errors in the schema
     install_metrics(app, settings)  # outermost: counts every answer, 413s included
