@@ -363,9 +363,7 @@ def run_init(
             if alloc == "global":  # the accuracy budget has no allocation setting: once per model
                 specs.append(("acc1", {"policy": "accuracy_budget", "max_drop": MAX_DROP}))
             for key, policy in specs:
-                plain = _as_dict(
-                    select(Path(tmp) / "job", policy, Path(tmp) / f"{key}-{alloc}", finetune=False)
-                )
+                plain = _as_dict(select(job_dir, policy, Path(tmp) / f"{key}-{alloc}", finetune=False))
                 tuned = _as_dict(select(job_dir, policy, Path(tmp) / f"{key}-{alloc}-ft", finetune=True))
                 row[key] = {
                     "kept": plain["params"]["ratio"],
