@@ -21,6 +21,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.progress import Stage
 from core.report import JobReport
 from store.models import Artifact, Job, JobEvent, Result, utcnow
 from store.status import JobStatus
@@ -241,7 +242,7 @@ def complete(
         .where(_ours(job_id, attempt))
         .values(
             status=JobStatus.SUCCEEDED,
-            stage="done",
+            stage=Stage.DONE,
             progress=1.0,
             eta_seconds=0.0,
             finished_at=now,
