@@ -214,9 +214,7 @@ def train(
             seed=tcfg.seed,
             layer_space=chains,
         )
-        tag = fingerprint(
-            config.model.model_dump(), config.dataset.model_dump(), tcfg.model_dump(), prepared.num_classes
-        )
+        tag = checkpoint_tag(config, tcfg, data, prepared.num_classes)
         result = fit(
             model,
             data.train,
@@ -236,6 +234,36 @@ def train(
         skipped={t.name: t.reason for t in targets if not t.eligible},
         history=[EpochRecord.model_validate(r) for r in result.history],
         resumed_from_epoch=result.resumed_from_epoch,
+    )
+
+
+def checkpoint_tag(config: JobConfig, tcfg: TrainConfig, data: DataBundle, num_classes: int) -> str:
+    """What a training checkpoint was made for; a checkpoint with another tag is never resumed.
+
+    The config without where its files lie (a worker on another machine resolves the same
+    uploads to other local paths, and must still resume) plus what those files held: the
+    weights file's sha256 and a digest of the training and validation tensors.
+    """
+    import hashlib
+
+    data_hash = hashlib.sha256()
+    for split in (data.train, data.val):
+        for t in split.tensors:
+            data_hash.update(t.detach().cpu().contiguous().numpy().data)
+    weights = None
+    if config.model.weights:
+        weights_hash = hashlib.sha256()
+        with open(config.model.weights, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                weights_hash.update(chunk)
+        weights = weights_hash.hexdigest()
+    return fingerprint(
+        config.model.model_dump(exclude={"weights"}),
+        config.dataset.model_dump(exclude={"path", "root", "download", "id"}),
+        tcfg.model_dump(),
+        num_classes,
+        weights,
+        data_hash.hexdigest(),
     )
 
 

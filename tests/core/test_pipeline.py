@@ -165,3 +165,37 @@ def test_auto_composition_puts_the_wide_first_layer_in_layer_space(tmp_path: Pat
     assert before is not None and before > 0.5  # it learned through the chain
     dense = load_model(out / "dense")  # the collapsed model has the plain architecture again
     assert isinstance(dense.get_submodule("1"), torch.nn.Linear)
+
+
+def test_checkpoint_tag_ignores_where_files_lie_but_not_what_they_hold(tmp_path: Path) -> None:
+    """A worker on another machine resolves the same upload to another path and must resume."""
+    from core.config import parse_config
+    from core.data import load_job_data
+    from core.stages import checkpoint_tag
+
+    model = build_model("fcn", 10, (64,), {"depth": 2, "width": 8})
+    first, second, other = (
+        tmp_path / "a.safetensors",
+        tmp_path / "b" / "w.safetensors",
+        tmp_path / "c.safetensors",
+    )
+    second.parent.mkdir()
+    for path in (first, second):
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    changed = build_model("fcn", 10, (64,), {"depth": 2, "width": 8})
+    save_file({k: v.contiguous() for k, v in changed.state_dict().items()}, str(other))
+
+    def tag(weights: Path, val_fraction: float = 0.1) -> str:
+        config = parse_config(
+            {
+                "model": {"arch": "fcn", "options": {"depth": 2, "width": 8}, "weights": str(weights)},
+                "dataset": {"name": "digits", "val_fraction": val_fraction},
+            }
+        )
+        assert config.train is not None
+        return checkpoint_tag(config, config.train, load_job_data(config), 10)
+
+    assert tag(first) == tag(second)
+    assert tag(first) != tag(other)
+    assert tag(first) != tag(first, val_fraction=0.2)
