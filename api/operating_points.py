@@ -160,6 +160,7 @@ def progress_data(job: JobRead) -> dict[str, Any]:
         "loss": metrics.get("loss"),
         "val_accuracy": metrics.get("val_accuracy"),
         "message": metrics.get("message"),
+        "metrics": {k: metrics[k] for k in ("loss", "val_accuracy") if metrics.get(k) is not None},
         "eta_seconds": job.eta_seconds,
         "error": job.error,
     }

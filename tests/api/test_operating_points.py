@@ -362,3 +362,21 @@ def test_select_with_an_invalid_policy_is_422_naming_the_field(
         over.status_code == 422 and "compress" in over.json()["detail"] and "budget" in over.json()["detail"]
     )
     assert unknown.status_code == 422 and "unknown policy" in unknown.json()["detail"]
+
+
+def test_the_cli_follows_the_stream_and_falls_back_when_there_is_none(
+    stream_client: TestClient, alice: Caller, session: Session
+) -> None:
+    from cli.events import follow_stream
+
+    job_id = submit(stream_client, alice)
+    set_job(session, job_id, status="succeeded", stage="done", progress=1.0, metrics={"loss": 0.1})
+    stream_client.headers.update(alice.headers)
+    updates: list[dict[str, Any]] = []
+
+    ended = follow_stream(stream_client, job_id, updates.append, sleep=lambda _: None)
+    missing = follow_stream(stream_client, "nope", updates.append, sleep=lambda _: None)
+
+    assert ended is True and missing is False
+    assert updates[-1]["status"] == "succeeded" and updates[-1]["metrics"] == {"loss": 0.1}
+    assert updates[-1]["progress"] == 1.0 and updates[-1]["stage"] == "done"
