@@ -119,6 +119,8 @@ _DESCRIPTIONS = {
     "507": "No space left on the artifact store.",
 }
 _WRITES = ("post", "put", "patch", "delete")
+# reads that answer 409 too: a job's report exists only once the job has succeeded
+_READ_CONFLICTS = {("get", "/v1/jobs/{job_id}/report")}
 
 
 def _error_response(code: str) -> dict[str, Any]:
@@ -140,6 +142,8 @@ def _errors_of(path: str, method: str, operation: dict[str, Any]) -> list[str]:
         codes.append("404")
     if method in _WRITES and secured:
         codes += ["409", "429"]
+    if (method, path) in _READ_CONFLICTS:
+        codes.append("409")
     if "requestBody" in operation:
         codes += ["413", "422"]
         content = operation["requestBody"].get("content", {})

@@ -65,8 +65,21 @@ def format_request_errors(errors: Sequence[Any]) -> str:
     return "; ".join(lines)
 
 
+# FastAPI's own 400 for a body it cannot decode (not UTF-8, a broken multipart stream)
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+        # bad input like any other: a 422 that says what to send
+        return JSONResponse(
+            {
+                "detail": "invalid request: the body cannot be read; send UTF-8 JSON for job configs, "
+                "or multipart/form-data for uploads"
+            },
+            status_code=422,
+        )
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 

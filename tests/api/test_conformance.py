@@ -175,3 +175,14 @@ def test_every_secured_operation_declares_401_and_503_and_path_objects_404(clien
                 assert "413" in codes, (method, path)
     uploads = schema["paths"]["/v1/datasets"]["post"]["responses"]
     assert {"409", "413", "422", "429", "503"} <= set(uploads)
+
+
+def test_a_body_that_is_not_utf8_is_422_like_any_bad_input(client: TestClient, alice: Caller) -> None:
+    resp = client.post(
+        "/v1/jobs",
+        headers=alice.headers | {"Content-Type": "application/json"},
+        content=b"\xff\x0d\xca\x97\xfe",
+    )
+
+    assert resp.status_code == 422
+    assert "UTF-8 JSON" in resp.json()["detail"]
