@@ -44,3 +44,12 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
 
     assert "/v1/jobs/{job_id}/artifacts/{name}" in spec["paths"]
     assert spec["paths"]["/v1/jobs"]["post"]["description"]
+
+
+def test_readiness_never_shows_the_brokers_address(client: TestClient, broker: BrokerState) -> None:
+    broker.error = ConnectionError("Error 111 connecting to redis://:s3cret@10.0.0.7:6379/0. Connection refused.")
+
+    body = client.get("/readyz").json()
+
+    assert body["checks"]["broker"] == "unreachable: ConnectionError"
+    assert "s3cret" not in str(body) and "10.0.0.7" not in str(body)
