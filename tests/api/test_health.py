@@ -47,7 +47,9 @@ def test_openapi_documents_the_routes(client: TestClient) -> None:
 
 
 def test_readiness_never_shows_the_brokers_address(client: TestClient, broker: BrokerState) -> None:
-    broker.error = ConnectionError("Error 111 connecting to redis://:s3cret@10.0.0.7:6379/0. Connection refused.")
+    broker.error = ConnectionError(
+        "Error 111 connecting to redis://:s3cret@10.0.0.7:6379/0. Connection refused."
+    )
 
     body = client.get("/readyz").json()
 
