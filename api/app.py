@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from api import datasets, health, jobs, models, operating_points, report_schema, ui
 from api.conformance import install as install_conformance
+from api.deletion import router as deletion_router
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ui.install(app)  # the page at /ui
     app.include_router(report_schema.router)
     install_conformance(app)  # HEAD, OPTIONS and 405 Allow on every route; errors in the schema
+    app.include_router(deletion_router)
     install_metrics(app, settings)  # outermost: counts every answer, 413s included
     return app
 

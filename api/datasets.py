@@ -19,6 +19,7 @@ from api.archives import (
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.limits import Offset
+from api.quotas import check_upload
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
 from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
 from store.artifacts import ArtifactStore, dataset_key
@@ -168,6 +169,7 @@ def upload_dataset(
     try:
         upload = scratch / ("upload.npz" if kind == "npz" else "upload.archive")
         size, sha256 = save_upload(file.file, upload, settings.max_upload_bytes)
+        check_upload(session, tenant.id, size, settings)  # the tenant's stored-bytes quota
         with slots.hold():
             if kind == "npz":
                 record, key = _store_npz(upload, filename, tenant.id, dataset_id, store, settings)

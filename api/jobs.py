@@ -16,6 +16,7 @@ from api.downloads import artifact_response
 from api.errors import AppError
 from api.job_checks import check_job_size
 from api.limits import MAX_QUERY_INT, Offset
+from api.quotas import check_submit
 from api.schemas import (
     ArtifactRead,
     ArtifactsRead,
@@ -108,6 +109,7 @@ def create_job(
     The job is stored before it is queued; poll ``GET /v1/jobs/{id}`` for progress."""
     config = resolve_references(session, tenant, config)
     check_job_size(session, tenant.id, config, settings)
+    check_submit(session, tenant.id, config, settings, idempotency_key)  # quotas and the work limit
     stored = config.model_dump(mode="json")
     job, created = job_repo.create(
         session,

@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError
 from api.limits import Offset
+from api.quotas import check_upload
 from api.schemas import ModelRead, ModelsRead
 from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
 from store.artifacts import model_key
@@ -118,6 +119,7 @@ def upload_model(
     try:
         upload = scratch / f"upload{suffix}"
         size, sha256 = save_upload(file.file, upload, settings.max_upload_bytes)
+        check_upload(session, tenant.id, size, settings)  # the tenant's stored-bytes quota
         with slots.hold():
             check_upload_against_arch(upload, model)
         model_id = new_id()

@@ -52,8 +52,22 @@ def _plain_json(value: Any, where: str, depth: int = 0) -> None:
 
 
 class ModelConfig(_Strict):
-    arch: str = Field(
-        description="A built-in architecture (see core.zoo.architectures()) or 'torchvision:<name>'."
+    arch: str | None = Field(
+        default=None,
+        description="A built-in architecture (see core.zoo.architectures()) or 'torchvision:<name>'. "
+        "Give exactly one of arch and program.",
+    )
+    program: str | None = Field(
+        default=None,
+        description="Any classifier as a torch.export program (.pt2, saved with torch.export.save, "
+        "dynamic batch dimension): a local path (CLI) or an uploaded model id (API). The program "
+        "holds the architecture, the weights and the class count, so it excludes arch, options and "
+        "weights. Validated as data; nothing of it is ever run as code.",
+    )
+    from_scratch: bool = Field(
+        default=False,
+        description="Programs only: re-initialize the program's weights and train from scratch "
+        "(default: LoRITa starts from the program's weights, an exact factorization).",
     )
     num_classes: int | None = Field(
         default=None, ge=2, le=100_000, description="Defaults to the dataset's class count."
@@ -68,11 +82,30 @@ class ModelConfig(_Strict):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, arch: str) -> str:
+    def _known_arch(cls, arch: str | None) -> str | None:
+        if arch is None:
+            return None
         from core.zoo import check_arch  # local: zoo imports torch, config stays light
 
         check_arch(arch)
         return arch
+
+    @model_validator(mode="after")
+    def _arch_or_program(self) -> ModelConfig:
+        if (self.arch is None) == (self.program is None):
+            raise ValueError(
+                "give exactly one of 'arch' (a built-in architecture) or 'program' (a torch.export .pt2)"
+            )
+        if self.program is not None and (self.options or self.weights is not None):
+            raise ValueError("'program' excludes 'options' and 'weights': the program holds both")
+        if self.from_scratch and self.program is None:
+            raise ValueError("'from_scratch' applies to programs only")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The architecture's name, or the program's file name."""
+        return self.arch if self.arch is not None else Path(self.program or "program").name
 
     @field_validator("options")
     @classmethod
@@ -292,7 +325,7 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_weights_without_training(self) -> JobConfig:
-        if self.train is None and self.model.weights is None:
+        if self.train is None and self.model.weights is None and self.model.program is None:
             raise ValueError("'train' is null (compress only) but 'model.weights' is not set: give weights")
         return self
 
@@ -338,6 +371,10 @@ def load_config(path: str | Path) -> JobConfig:
         candidate = base / config.model.weights
         if candidate.exists():
             config.model.weights = str(candidate)
+    if config.model.program and not Path(config.model.program).is_absolute():
+        candidate = base / config.model.program
+        if candidate.exists():
+            config.model.program = str(candidate)
     if config.dataset.path and not Path(config.dataset.path).is_absolute():
         candidate = base / config.dataset.path
         if candidate.exists():

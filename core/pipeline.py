@@ -178,6 +178,7 @@ def select(
     """
     from core.data import load_job_data
     from core.export import ModelMetaError, WeightsError, load_model, read_meta
+    from core.program.job import is_program_dir, load_dense_program
     from core.progress import Stage
     from core.train import resolve_device
 
@@ -188,6 +189,15 @@ def select(
     if out.resolve() == source.resolve():
         raise ConfigError("the output directory must differ from the job's directory")
     runner = StageRunner(progress, should_stop)
+    if is_program_dir(source / DENSE_DIR):  # a program job: its dense program, validated again
+        with runner.stage(Stage.PREPARE, "loading the dense program and the data"):
+            data = load_job_data(config)
+            program = load_dense_program(source / DENSE_DIR, data)
+            prepared = Prepared(program, data, program.num_classes, resolve_device(config.device))
+        out.mkdir(parents=True, exist_ok=True)
+        return _from_dense(
+            config, prepared, out, runner, training=original.training, selected_from=str(source)
+        )
     with runner.stage(Stage.PREPARE, "loading the dense model and the data"):
         try:
             meta = read_meta(source / DENSE_DIR)

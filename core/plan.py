@@ -41,6 +41,7 @@ class Plan:
     optimizer: str = "adam"
     optimizer_states: int = 2  # float32 numbers the optimizer keeps per parameter
     arch: str = ""
+    norm_mode: str | None = None  # programs: how batch norm and dropout train, as exported
 
     @property
     def composed(self) -> list[LayerPlan]:
@@ -68,6 +69,7 @@ class Plan:
         lorita_bytes = self.training_bytes(self.training_params)
         return {
             "arch": self.arch,
+            "norm_mode": self.norm_mode,
             "factors": self.factors,
             "input_shape": self.input_shape,
             "num_classes": self.num_classes,
@@ -111,10 +113,11 @@ def plan_model(
     momentum: float = 0.9,
 ) -> Plan:
     """The plan for ``model`` (left unchanged): targets, factor cost, parameters and FLOPs."""
-    from core.lorita import apply_lorita, factor_parameters, find_targets
+    from core.lorita import factor_parameters
     from core.metrics import count_flops, count_params
+    from core.program.job import compose, targets_of
 
-    targets = find_targets(model, include, exclude)
+    targets = targets_of(model, include, exclude)
     layers = [
         LayerPlan(t.name, t.kind, list(t.shape), list(t.matrix_shape), t.eligible, t.reason) for t in targets
     ]
@@ -132,7 +135,7 @@ def plan_model(
     if factors >= 2:
         # Count on a real composed copy, so the figure is what training will hold.
         composed = copy.deepcopy(model)
-        done = apply_lorita(composed, factors, include, exclude, init="scratch")
+        done = compose(composed, factors, include, exclude, init="scratch", seed=0)
         plan.factor_params = factor_parameters(composed)
         plan.composed_dense_params = sum(_numel(t.shape) for t in done)
     return plan
@@ -162,12 +165,15 @@ def plan_job(config: JobConfig) -> Plan:
         optimizer=tcfg.optimizer if tcfg else "adam",
         momentum=tcfg.momentum if tcfg else 0.9,
     )
-    plan.num_classes = config.model.num_classes or data.num_classes
-    plan.arch = config.model.arch
-    if tcfg is not None:
-        from core.lorita import find_targets
+    from core.program.job import classes_of, norm_mode_of
 
-        targets = find_targets(model, tcfg.include, tcfg.exclude)
+    plan.num_classes = classes_of(model) or config.model.num_classes or data.num_classes
+    plan.arch = config.model.label
+    plan.norm_mode = norm_mode_of(model)
+    if tcfg is not None:
+        from core.program.job import targets_of
+
+        targets = targets_of(model, tcfg.include, tcfg.exclude)
         chains = set(layer_space(model, targets, data.input_shape, tcfg))
         for lp, t in zip(plan.layers, targets, strict=True):
             if lp.composed and t.module in chains:

@@ -108,6 +108,11 @@ class LayerRank(_Part):
         description="A choice a person should know about, e.g. the classifier truncated below the "
         "number of classes.",
     )
+    uses: int | None = Field(
+        default=None,
+        description="Programs: how many ops of the graph read the weight (more than 1: tied, composed "
+        "and truncated once for every use, or left dense with the reason).",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,6 +178,11 @@ class TrainingInfo(_Part):
     skipped: dict[str, str] = Field(default_factory=dict, description="Weight -> why it was not composed.")
     history: list[EpochRecord] = Field(default_factory=list)
     resumed_from_epoch: int | None = None
+    norm_mode: str | None = Field(
+        default=None,
+        description="Programs: how batch norm and dropout trained, as the program was exported "
+        "(train mode: batch statistics; eval mode: frozen statistics).",
+    )
 
 
 class FinetuneInfo(_Part):

@@ -134,9 +134,10 @@ def layer_space(
     is cheaper (:func:`core.lorita.cheaper_in_layer_space`); none otherwise. Training and the
     plan both ask here."""
     from core.lorita import cheaper_in_layer_space
+    from core.program.job import is_program
 
-    if cfg.composition != "auto" or cfg.factors < 2:
-        return []
+    if cfg.composition != "auto" or cfg.factors < 2 or is_program(model):
+        return []  # a program's weights are composed in weight space only
     return cheaper_in_layer_space(model, targets, input_shape, cfg.batch_size, cfg.factors)
 
 
@@ -150,6 +151,11 @@ def build(config: JobConfig, data: DataBundle) -> nn.Module:
     from core.export import WeightsError, load_weights_into
     from core.zoo import build_model
 
+    if config.model.program is not None:  # validated as data, loaded in a child process first
+        from core.program.job import build_for_job
+
+        return build_for_job(config, data)
+    assert config.model.arch is not None  # exactly one of arch and program (ModelConfig)
     num_classes = config.model.num_classes or data.num_classes
     if num_classes < data.num_classes:
         raise ConfigError(
@@ -187,7 +193,9 @@ def prepare(config: JobConfig, runner: StageRunner) -> Prepared:
         device = resolve_device(config.device)
         data = load_job_data(config)
         model = build(config, data)
-    return Prepared(model, data, config.model.num_classes or data.num_classes, device)
+    from core.program.job import classes_of
+
+    return Prepared(model, data, classes_of(model) or config.model.num_classes or data.num_classes, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,13 +207,13 @@ def train(
     config: JobConfig, tcfg: TrainConfig, prepared: Prepared, runner: StageRunner, work: Path
 ) -> TrainingInfo:
     """LoRITa training of ``prepared.model`` in place (resuming from ``work``'s checkpoint)."""
-    from core.lorita import apply_lorita, find_targets
+    from core.program.job import compose, norm_mode_of, targets_of
 
     model, data = prepared.model, prepared.data
     with runner.stage(Stage.TRAIN, f"LoRITa training with N={tcfg.factors}"):
-        targets = find_targets(model, tcfg.include, tcfg.exclude)
+        targets = targets_of(model, tcfg.include, tcfg.exclude)
         chains = layer_space(model, targets, data.input_shape, tcfg)
-        composed = apply_lorita(
+        composed = compose(
             model,
             tcfg.factors,
             tcfg.include,
@@ -213,6 +221,7 @@ def train(
             init="weights" if config.model.weights else tcfg.init,
             seed=tcfg.seed,
             layer_space=chains,
+            from_scratch=config.model.from_scratch,
         )
         tag = checkpoint_tag(config, tcfg, data, prepared.num_classes)
         result = fit(
@@ -234,6 +243,7 @@ def train(
         skipped={t.name: t.reason for t in targets if not t.eligible},
         history=[EpochRecord.model_validate(r) for r in result.history],
         resumed_from_epoch=result.resumed_from_epoch,
+        norm_mode=norm_mode_of(model),
     )
 
 
@@ -251,14 +261,15 @@ def checkpoint_tag(config: JobConfig, tcfg: TrainConfig, data: DataBundle, num_c
         for t in split.tensors:
             data_hash.update(t.detach().cpu().contiguous().numpy().data)
     weights = None
-    if config.model.weights:
+    source = config.model.weights or config.model.program  # the file training starts from
+    if source:
         weights_hash = hashlib.sha256()
-        with open(config.model.weights, "rb") as fh:
+        with open(source, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 weights_hash.update(chunk)
         weights = weights_hash.hexdigest()
     return fingerprint(
-        config.model.model_dump(exclude={"weights"}),
+        config.model.model_dump(exclude={"weights", "program"}),
         config.dataset.model_dump(exclude={"path", "root", "download", "id"}),
         tcfg.model_dump(),
         num_classes,
@@ -306,9 +317,11 @@ def compress(config: JobConfig, model: nn.Module, data: DataBundle, runner: Stag
     """SVD of each eligible layer and the ranks the policy asks for (see :mod:`core.search`)."""
     from core import search
     from core.metrics import count_flops, count_params
+    from core.program.job import spectra_of
+    from core.program.job import truncate as truncate_model  # zoo models and programs
 
     with runner.stage(Stage.COMPRESS, "SVD of each layer and rank selection"):
-        spectra = svt.compute_spectra(model, data.input_shape)
+        spectra = spectra_of(model, data.input_shape)
         other_params = count_params(model) - sum(sp.dense_params() for sp in spectra.values())
         other_flops = count_flops(model, data.input_shape) - sum(
             sp.flops_at(sp.full_rank) for sp in spectra.values()
@@ -316,7 +329,7 @@ def compress(config: JobConfig, model: nn.Module, data: DataBundle, runner: Stag
 
         def evaluate(ranks: svt.Ranks) -> float:
             runner.check_stop()
-            return accuracy(svt.truncate(model, spectra, ranks), data.val)
+            return accuracy(truncate_model(model, spectra, ranks), data.val)
 
         try:
             result = search.choose(config.compress, spectra, other_params, other_flops, evaluate)
@@ -324,7 +337,7 @@ def compress(config: JobConfig, model: nn.Module, data: DataBundle, runner: Stag
             raise ConfigError(f"compress: {err}") from None
         # Both validation accuracies were measured by the search; a validation pass is
         # deterministic in eval mode, so neither is repeated.
-        return Compression(spectra, result, svt.truncate(model, spectra, result.ranks))
+        return Compression(spectra, result, truncate_model(model, spectra, result.ranks))
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,10 +455,22 @@ def export(
 ) -> Exports:
     """The compressed model in every requested format (parity-checked), the dense model, the plots."""
     from core.export import WEIGHTS_FILE, ExportError, ModelMeta, export_all, save_model
+    from core.program.graph import ProgramModel
+    from core.program.job import export_for_job
 
     with runner.stage(Stage.EXPORT, f"writing {', '.join(config.export)}"):
+        if isinstance(compressed, ProgramModel) and isinstance(dense, ProgramModel):
+            example = data.test.tensors[0][:2]
+            files = export_for_job(
+                config, dense, compressed, compression.spectra, compression.ranks, example, out, DENSE_DIR
+            )
+            plots = write_plots(out, compression, config)
+            sizes = CountChange.of(
+                (out / DENSE_DIR / WEIGHTS_FILE).stat().st_size, (out / WEIGHTS_FILE).stat().st_size
+            )
+            return Exports({k: ExportFile.model_validate(v) for k, v in files.items()}, plots, sizes)
         meta = ModelMeta(
-            arch=config.model.arch,
+            arch=config.model.label,
             num_classes=num_classes,
             input_shape=list(data.input_shape),
             options=dict(config.model.options),
@@ -457,7 +482,7 @@ def export(
         except ExportError as err:
             raise JobError(str(err)) from None
         dense_meta = ModelMeta(
-            config.model.arch, num_classes, list(data.input_shape), dict(config.model.options)
+            config.model.label, num_classes, list(data.input_shape), dict(config.model.options)
         )
         save_model(dense.cpu(), dense_meta, out / DENSE_DIR)
         plots = write_plots(out, compression, config)
@@ -474,7 +499,7 @@ def write_plots(out: Path, compression: Compression, config: JobConfig) -> dict[
 
     from core.plots import PARETO_FILE, SPECTRA_FILE, plot_pareto, plot_spectra
 
-    title = f"{config.name or config.model.arch}: policy {config.compress.policy}"
+    title = f"{config.name or config.model.label}: policy {config.compress.policy}"
     points = [asdict(p) for p in compression.search.points]
     written = {
         "pareto": plot_pareto(points, out / PARETO_FILE, title=title),
@@ -500,7 +525,12 @@ def layer_rows(
     Keyed by module name (``module.param`` for a module with several weights, e.g. attention).
     """
     from core.lorita import find_targets
+    from core.program.graph import ProgramModel
 
+    if isinstance(model, ProgramModel):  # keyed by parameter name, with the ops reading each
+        from core.program.job import rows_for_job
+
+        return rows_for_job(model, config, compression.spectra, compression.ranks, training)
     tcfg = config.train
     targets = find_targets(model, tcfg.include if tcfg else (), tcfg.exclude if tcfg else ())
     trained = training is not None and training.factors is not None

@@ -134,11 +134,6 @@ class Settings(BaseSettings):
         description="Largest job, as parameters x training samples x epochs (training and "
         "fine-tuning), checked at submit.",
     )
-    max_job_input_elements: int = Field(
-        default=5 * 10**9,
-        gt=0,
-        description="Largest input of a job, as samples x values per sample, checked at submit.",
-    )
     job_wall_seconds: float = Field(
         default=24 * 3600,
         gt=0,

@@ -213,3 +213,97 @@ def program_layer_rows(
                 )
         rows[t.name] = row
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# entry points of core.stages / core.pipeline / core.plan
+# ---------------------------------------------------------------------------------------
+
+
+def build_for_job(config: Any, data: Any) -> ProgramModel:
+    """``core.stages.build`` for ``model.program``: validated, proven in a child process, fitted
+    to the dataset. A refused or unfitting program is a ConfigError naming the file."""
+    from core.config import ConfigError
+
+    path = Path(config.model.program)
+    if not path.is_file():
+        raise ConfigError(
+            f"model.program: {path.name} does not exist; give a .pt2 file saved with torch.export.save"
+        )
+    try:
+        return load_program_model(
+            path, path.name, data.input_shape, data.num_classes, expected_classes=config.model.num_classes
+        )
+    except ProgramError as err:
+        raise ConfigError(f"model.program: {err}") from None
+
+
+def classes_of(model: nn.Module) -> int | None:
+    """The number of logits a program returns (None for a zoo model: the config decides)."""
+    return model.num_classes if isinstance(model, ProgramModel) else None
+
+
+def norm_mode_of(model: nn.Module) -> str | None:
+    """How batch norm and dropout train, for a program (None for a zoo model)."""
+    return model.norm_mode if isinstance(model, ProgramModel) else None
+
+
+def export_for_job(
+    config: Any,
+    dense: ProgramModel,
+    compressed: ProgramModel,
+    spectra: Mapping[str, svt.Spectrum],
+    ranks: Mapping[str, int],
+    example: torch.Tensor,
+    out: Path,
+    dense_dir: str,
+) -> dict[str, dict[str, Any]]:
+    """``core.stages.export`` for programs: the formats of ``config.export`` that apply to a
+    program (safetensors, pt2, onnx), ExportError / JobError as for zoo models."""
+    from core.export import ExportError
+    from core.progress import JobError
+
+    formats = [f for f in config.export if f in ("safetensors", "pt2", "onnx")]
+    try:
+        return export_program_job(
+            compressed, dense, svt.rank_table(spectra, ranks), out, formats, example, dense_dir
+        )
+    except ExportError as err:
+        raise JobError(str(err)) from None
+
+
+def rows_for_job(
+    model: ProgramModel,
+    config: Any,
+    spectra: Mapping[str, svt.Spectrum],
+    ranks: Mapping[str, int],
+    training: Any,
+) -> dict[str, Any]:
+    """``core.stages.layer_rows`` for programs: :class:`core.report.LayerRank` rows keyed by
+    parameter name."""
+    from core.report import LayerRank
+
+    tcfg = config.train
+    targets = program_targets(model, tcfg.include if tcfg else (), tcfg.exclude if tcfg else ())
+    trained = training is not None and training.factors is not None
+    composed = set(training.composed) if trained else None
+    skipped = training.skipped if training is not None else {}
+    rows = program_layer_rows(model, targets, spectra, ranks, composed, skipped)
+    return {k: LayerRank.model_validate(v) for k, v in rows.items()}
+
+
+def is_program_dir(directory: Path) -> bool:
+    """A job's dense/ folder that holds a program (``lorita select`` reloads it as one)."""
+    return (directory / PROGRAM_META_FILE).is_file() and (directory / "model.pt2").is_file()
+
+
+def load_dense_program(directory: Path, data: Any) -> ProgramModel:
+    """The dense program a job saved, checked against the job's data (as ``select`` needs it)."""
+    from core.config import ConfigError
+
+    try:
+        return load_program_model(
+            directory / "model.pt2", "dense/model.pt2", data.input_shape, data.num_classes
+        )
+    except ProgramError as err:
+        raise ConfigError(f"cannot reload the job's dense program: {err}") from None
