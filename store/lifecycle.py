@@ -309,6 +309,11 @@ def requeue_expired(session: Session, now: datetime | None = None) -> list[str]:
             "status": QUEUED,
             "worker_id": None,
             "lease_expires_at": None,
+            # queued for its next attempt: not the dead attempt's stage, epoch and progress
+            "stage": None,
+            "progress": 0.0,
+            "epoch": None,
+            "eta_seconds": None,
         }
         result = session.execute(update(Job).where(guard).values(**values))
         if _rowcount(result) == 1 and values["status"] == QUEUED:

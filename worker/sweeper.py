@@ -29,6 +29,7 @@ from store.models import Job
 from store.settings import get_settings
 from worker.celery_app import TASK_SWEEP, app
 from worker.dispatch import send_job
+from worker.recovery import BrokerWatch, Housekeeper
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,15 @@ class SweeperThread(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        broker = BrokerWatch()
+        chores = Housekeeper()
         while not self.stopped.wait(self.interval_s):
             try:
-                sweep()
+                # after a broker outage or restart, ids it lost are re-sent now, not after 120 s
+                sweep(queued_after_s=0.0 if broker.recovered() else None)
             except Exception:  # a database hiccup must not kill the thread
                 log.exception("sweep failed")
+            chores.maybe_run()
 
     def stop(self) -> None:
         self.stopped.set()
