@@ -187,10 +187,11 @@ class TrainConfig(_Strict):
         "layers instead (same function and gradients, cheaper there).",
     )
     init: Literal["paper", "preserve"] = Field(
-        default="preserve",
-        description="How the factors start when training from scratch. 'paper': each factor initialized "
-        "independently as the layer's own initialization would (the product starts small, with a "
-        "decaying spectrum, as in the paper's code). 'preserve': the product equals the layer's default "
+        default="paper",
+        description="How the factors start when training from scratch. 'paper' (default): each factor "
+        "initialized independently as the layer's own initialization would (the product starts small, "
+        "with a decaying spectrum, as in the paper's code); it truncates far better at aggressive budgets "
+        "(benchmarks/results/reproduce_fcn_inits.md). 'preserve': the product equals the layer's default "
         "init, square factors orthogonal. Ignored when model.weights are given (exact factorization).",
     )
     include: list[Annotated[str, Field(max_length=200)]] = Field(
