@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
@@ -217,9 +217,19 @@ def get_report(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobRe
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsRead, summary="List a job's files")
-def list_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant) -> ArtifactsRead:
+def list_artifacts(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    include: Annotated[
+        Literal["dense"] | None,
+        Query(description="'dense': also the collapsed dense model (dense/...) derived jobs start from."),
+    ] = None,
+) -> ArtifactsRead:
     _job_or_404(session, tenant, job_id)
     artifacts = job_repo.list_artifacts(session, job_id)
+    if include != "dense":
+        artifacts = [a for a in artifacts if not a.name.startswith("dense/")]
     data = [
         ArtifactRead(
             name=a.name,

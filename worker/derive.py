@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from store.artifacts import ArtifactStore, sha256_file
+from store.artifacts import ArtifactStore, LocalArtifactStore, sha256_file
 from store.db import session_scope
 from store.models import Artifact, Job, Result
+from store.references import UnresolvedReference
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,11 @@ PARENT_DIR = "parent"  # under the derived run's work dir: the parent's report a
 Runner = Callable[..., Any]
 
 
-class ParentUnavailable(Exception):
+class ParentUnavailable(UnresolvedReference):
     """The parent's dense model or report is gone (a person's message; the job fails with it)."""
 
 
-def dense_artifacts(
-    out_dir: Path, prefix: str, store: ArtifactStore, remote: bool
-) -> list[tuple[str, int, str, str]]:
+def dense_artifacts(out_dir: Path, prefix: str, store: ArtifactStore) -> list[tuple[str, int, str, str]]:
     """The files of ``out_dir/dense`` as artifacts named ``dense/<file>`` (stored under ``prefix``).
 
     They are what a derived job starts from; the API leaves them out of the downloads unless
@@ -52,7 +51,9 @@ def dense_artifacts(
             continue
         name = f"{DENSE_DIR}/{path.name}"
         key = f"{prefix}/{name}"
-        size, sha256 = store.put_file(key, path) if remote else sha256_file(path)
+        # a local store is the folder the run wrote into; another store gets a copy
+        local = isinstance(store, LocalArtifactStore)
+        size, sha256 = sha256_file(path) if local else store.put_file(key, path)
         artifacts.append((name, int(size), sha256, key))
     return artifacts
 

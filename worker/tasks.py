@@ -30,6 +30,7 @@ from store.logging import job_context
 from store.models import Job
 from store.settings import Settings, get_settings
 from store.status import JobStatus
+from worker import derive
 from worker.celery_app import TASK_RUN_JOB, app
 from worker.metrics import RunHooks, failure_reason, record_run
 
@@ -196,7 +197,8 @@ def _run_attempt(
                 session, tenant_id, parse_config(raw_config), store.local_path, settings
             )
         out_dir, work_dir = files.prepare()
-        report = run_job(
+        runner = derive.runner_for(job_id, store) or run_job  # a derived job selects from its parent
+        report = runner(
             config,
             out_dir,
             work_dir=work_dir,
@@ -204,7 +206,7 @@ def _run_attempt(
             should_stop=hooks.should_stop,
         )
         hooks.end_stage()
-        artifacts = files.collect()
+        artifacts = files.collect() + derive.dense_artifacts(out_dir, files.prefix, store)
         with session_scope() as session:
             done = lifecycle.complete(session, job_id, attempt, report, artifacts)
         outcome = "succeeded" if done else "stale"

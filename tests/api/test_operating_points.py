@@ -380,3 +380,22 @@ def test_the_cli_follows_the_stream_and_falls_back_when_there_is_none(
     assert ended is True and missing is False
     assert updates[-1]["status"] == "succeeded" and updates[-1]["metrics"] == {"loss": 0.1}
     assert updates[-1]["progress"] == 1.0 and updates[-1]["stage"] == "done"
+
+
+def test_the_dense_model_is_listed_only_when_asked_for(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    job_id = submit(client, alice)
+    succeed_with_dense(session, job_id)
+    session.add(Artifact(job_id=job_id, name="model.onnx", size_bytes=1, sha256="1" * 64, location="x/z"))
+    session.commit()
+    url = f"/v1/jobs/{job_id}/artifacts"
+
+    plain = [a["name"] for a in client.get(url, headers=alice.headers).json()["data"]]
+    dense = [
+        a["name"] for a in client.get(url, headers=alice.headers, params={"include": "dense"}).json()["data"]
+    ]
+
+    assert plain == ["model.onnx"]
+    assert sorted(dense) == [DENSE_WEIGHTS, "model.onnx"]
+    assert client.get(url, headers=alice.headers, params={"include": "all"}).status_code == 422
