@@ -209,6 +209,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory, own_postgres: Postgres, own_re
         LORITA_SWEEP_INTERVAL="1",
         LORITA_HOUSEKEEPING_INTERVAL="2",
         LORITA_AUTH_CACHE_SECONDS="60",
+        # a job merely stuck in the queue is re-sent after an hour: only the broker watch re-sends
+        # sooner, so a job that runs after a Redis restart proves that path
+        LORITA_REQUEUE_QUEUED_AFTER="3600",
+        LORITA_LOG_FORMAT="json",
         OMP_NUM_THREADS="1",
     )
     rig = Rig(root, env, free_port(), own_postgres, own_redis)
