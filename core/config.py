@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-ExportFormat = Literal["safetensors", "pt2", "onnx"]
+ExportFormat = Literal["safetensors", "pt2", "onnx", "onnx_int8"]
 ALL_EXPORTS: tuple[ExportFormat, ...] = ("safetensors", "pt2", "onnx")
 
 
@@ -204,8 +204,16 @@ class TrainConfig(_Strict):
     )
 
 
+ROUND_TO_HELP = (
+    "Round every kept rank to a multiple of this (1: no rounding), never making a layer bigger than "
+    "its dense weight (core/rounding.py). Default: none, except for latency_budget, which rounds to 8 "
+    "on CPU (the float32 GEMM panel width of MLAS/oneDNN) and 16 on CUDA (tensor cores need multiples "
+    "of 8 for fp16/bf16 and of 16 for int8). The rounded point is evaluated and shown in the report."
+)
+
+
 class _Policy(_Strict):
-    pass
+    round_to: int | None = Field(default=None, ge=1, le=256, description=ROUND_TO_HELP)
 
 
 class NonePolicy(_Policy):
@@ -264,6 +272,22 @@ class AccuracyBudgetPolicy(_Policy):
         return self
 
 
+class LatencyBudgetPolicy(_Policy):
+    policy: Literal["latency_budget"]
+    budget: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="Fraction of the dense model's latency, measured on the worker's hardware.",
+    )
+    batch_size: int = Field(default=64, ge=1, le=4096, description="The batch size the latency is for.")
+    runtime: Literal["onnxruntime", "torch"] = Field(
+        default="onnxruntime",
+        description="onnxruntime: the exported model.onnx on the CPU with measure.threads threads; "
+        "torch: the PyTorch module on the job's device.",
+    )
+    max_evals: int = Field(default=20, ge=2, le=200, description="Validation evaluations at most.")
+
+
 CompressConfig = Annotated[
     NonePolicy
     | UniformPolicy
@@ -271,10 +295,20 @@ CompressConfig = Annotated[
     | EnergyPolicy
     | ParamsBudgetPolicy
     | FlopsBudgetPolicy
-    | AccuracyBudgetPolicy,
+    | AccuracyBudgetPolicy
+    | LatencyBudgetPolicy,
     Field(discriminator="policy"),
 ]
-POLICIES = ("none", "uniform", "global", "energy", "params_budget", "flops_budget", "accuracy_budget")
+POLICIES = (
+    "none",
+    "uniform",
+    "global",
+    "energy",
+    "params_budget",
+    "flops_budget",
+    "accuracy_budget",
+    "latency_budget",
+)
 
 
 class DistillConfig(_Strict):

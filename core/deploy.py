@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from core.latency import Runtime, measure_latency
+from core.latency import Runtime, measure_latency_times, summarize_times
 from core.quantize import INT8_FILE, QuantizeError, calibration_samples, compare_int8, quantize_int8
 
 # When the job's policy has no accuracy budget, INT8 may lose at most this much (absolute).
@@ -133,8 +133,9 @@ def speed_summary(
     latency: bool = True,
 ) -> dict[str, Any]:
     """``{"runtime", "threads", "repeats", "rows": {name: row}}``, each row: ``params``,
-    ``flops``, ``file``, ``bytes``, ``latency_ms`` (per batch size, a string key),
-    ``runtime``, ``val_accuracy``, ``test_accuracy``.
+    ``flops``, ``file``, ``bytes``, ``latency_ms`` (median per batch size, a string key),
+    ``fastest_ms`` (the fastest repeat: the stable figure on a loaded machine), ``runtime``,
+    ``val_accuracy``, ``test_accuracy``.
 
     Files are timed on ONNX Runtime, modules on torch (``runtime``); variants without what
     the runtime needs fall back to the other (an INT8 file under ``torch``).
@@ -155,19 +156,20 @@ def speed_summary(
             "file": v.file.name if v.file is not None else None,
             "bytes": v.file.stat().st_size if v.file is not None and v.file.exists() else None,
             "latency_ms": {},
+            "fastest_ms": {},
             "runtime": "torch" if use_torch else ("onnxruntime" if v.file is not None else None),
             "val_accuracy": v.val_accuracy,
             "test_accuracy": v.test_accuracy,
         }
     if latency:
-        measured: dict[str, dict[int, float]] = {}
+        measured: dict[str, dict[int, list[float]]] = {}
         if ort_models:
             measured.update(
-                measure_latency(ort_models, input_shape, batch_sizes, threads=threads, repeats=repeats)
+                measure_latency_times(ort_models, input_shape, batch_sizes, threads=threads, repeats=repeats)
             )
         if torch_models:
             measured.update(
-                measure_latency(
+                measure_latency_times(
                     torch_models,
                     input_shape,
                     batch_sizes,
@@ -178,5 +180,184 @@ def speed_summary(
                 )
             )
         for name, per_batch in measured.items():
-            rows[name]["latency_ms"] = {str(b): ms for b, ms in per_batch.items()}
+            rows[name]["latency_ms"] = {str(b): summarize_times(ts, "median") for b, ts in per_batch.items()}
+            rows[name]["fastest_ms"] = {str(b): summarize_times(ts, "min") for b, ts in per_batch.items()}
     return {"runtime": runtime, "threads": threads, "repeats": repeats, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# The job's steps (called by core.stages)
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_round_to(policy: Any, device: torch.device) -> tuple[int, str]:
+    """The multiple ranks are rounded to under ``policy`` on ``device``, and where it comes from.
+
+    ``compress.round_to`` when given; for ``latency_budget`` the default of the device the
+    latency is measured on (ONNX Runtime: the CPU); 1 (no rounding) otherwise.
+    """
+    from core.rounding import default_round_to
+
+    if getattr(policy, "round_to", None) is not None:
+        return int(policy.round_to), "compress.round_to"
+    if getattr(policy, "policy", None) == "latency_budget":
+        where = torch.device("cpu") if policy.runtime == "onnxruntime" else device
+        multiple = default_round_to(where)
+        why = (
+            "the float32 GEMM panel width of MLAS/oneDNN"
+            if where.type == "cpu"
+            else "tensor cores need multiples of 8 (fp16/bf16) and 16 (int8)"
+        )
+        return multiple, f"default for {where.type}: {multiple} ({why})"
+    return 1, "none (compress.round_to not set)"
+
+
+@dataclass
+class RankChoice:
+    """The ranks chosen, with what the latency search measured and how ranks were rounded."""
+
+    result: Any  # core.search.SearchResult
+    latency: dict[str, Any] | None = None  # core.speed_report.LatencySearch as a dict
+    rounding: dict[str, Any] | None = None  # core.speed_report.Rounding as a dict
+
+
+def choose_ranks(
+    config: Any,
+    model: nn.Module,
+    spectra: Mapping[str, Any],
+    input_shape: tuple[int, ...],
+    evaluate: Any,
+    other_params: int,
+    other_flops: int,
+    device: torch.device,
+) -> RankChoice:
+    """The policy's ranks: ``latency_budget`` by :mod:`core.latency_search` (measured on its
+    runtime), every other policy by :func:`core.search.choose`; then ``compress.round_to``."""
+    import tempfile
+
+    from core import search, svt
+    from core.latency_search import make_probe, round_result, search_latency_budget
+    from core.rounding import round_ranks, rounding_rows
+
+    policy = config.compress
+    multiple, source = resolve_round_to(policy, device)
+    if policy.policy == "latency_budget":
+        with tempfile.TemporaryDirectory(prefix="lorita-latency-") as tmp:
+            probe = make_probe(
+                model,
+                spectra,
+                input_shape,
+                Path(tmp),
+                batch=policy.batch_size,
+                runtime=policy.runtime,
+                threads=config.measure.threads,
+                multiple=multiple,
+                device=device,
+            )
+            result, info = search_latency_budget(
+                spectra,
+                other_params,
+                other_flops,
+                evaluate,
+                budget=policy.budget,
+                table=probe.table,
+                dense_ms=probe.dense_ms,
+                measure=probe.measure,
+                remeasure=probe.remeasure,
+                multiple=multiple,
+                max_evals=policy.max_evals,
+                scores=search.importance_for(policy)(spectra),
+            )
+        rounding = {
+            "round_to": multiple,
+            "source": source,
+            "applied": "to every candidate before it was evaluated",
+            "changed": {},
+        }
+        return RankChoice(result, info.to_dict(), rounding)
+    result = search.choose(policy, spectra, other_params, other_flops, evaluate)
+    if multiple <= 1:
+        return RankChoice(result)
+    before = dict(result.ranks)
+    result = round_result(result, spectra, multiple, evaluate, other_params, other_flops)
+    after = svt.effective_ranks(spectra, round_ranks(spectra, before, multiple))
+    rounding = {
+        "round_to": multiple,
+        "source": source,
+        "applied": "to the policy's chosen ranks, then evaluated (stage 'rounded' on the curve)",
+        "changed": rounding_rows(spectra, before, after, multiple),
+    }
+    return RankChoice(result, None, rounding)
+
+
+def deployment(
+    config: Any,
+    dense: nn.Module,
+    compressed: nn.Module,
+    data: Any,
+    out: Path,
+    *,
+    dense_val: float | None,
+    compressed_val: float | None,
+    test_before: float | None,
+    test_after: float | None,
+    device: torch.device,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """``model.int8.onnx`` when ``onnx_int8`` is exported (the report's ``int8``), and the
+    dense / compressed / INT8 summary (the report's ``summary``)."""
+    import tempfile
+
+    from core.export import ONNX_FILE, WEIGHTS_FILE, export_onnx
+    from core.metrics import count_flops, count_params
+
+    int8 = None
+    if "onnx_int8" in config.export and (out / ONNX_FILE).is_file():
+        int8 = int8_stage(
+            out / ONNX_FILE, out, data.train, data.val, data.test, policy=config.compress, seed=config.seed
+        )
+    policy = config.compress
+    runtime: Runtime = policy.runtime if policy.policy == "latency_budget" else "onnxruntime"
+    m = config.measure
+    shape = tuple(data.input_shape)
+    dense_params, small_params = count_params(dense), count_params(compressed)
+    dense_flops, small_flops = count_flops(dense, shape), count_flops(compressed, shape)
+    with tempfile.TemporaryDirectory(prefix="lorita-summary-") as tmp:
+        dense_file: Path | None = out / "dense" / WEIGHTS_FILE
+        small_file: Path | None = out / ONNX_FILE if (out / ONNX_FILE).is_file() else out / WEIGHTS_FILE
+        if m.latency and runtime == "onnxruntime":
+            example = data.test.tensors[0][:2].detach().cpu().float()
+            dense_file = Path(tmp) / "dense.onnx"
+            export_onnx(copy.deepcopy(dense).cpu().eval(), example, dense_file)
+            if not (out / ONNX_FILE).is_file():
+                small_file = Path(tmp) / "compressed.onnx"
+                export_onnx(copy.deepcopy(compressed).cpu().eval(), example, small_file)
+        variants = {
+            "dense": Variant(dense_params, dense_flops, dense_file, dense_val, test_before, module=dense),
+            "compressed": Variant(
+                small_params, small_flops, small_file, compressed_val, test_after, module=compressed
+            ),
+        }
+        if int8 is not None and int8.get("file"):
+            variants["int8"] = Variant(
+                small_params,
+                small_flops,
+                out / str(int8["file"]),
+                int8.get("val_accuracy"),
+                int8.get("test_accuracy"),
+            )
+        summary = speed_summary(
+            variants,
+            shape,
+            m.batch_sizes,
+            runtime=runtime,
+            threads=m.threads,
+            repeats=m.latency_repeats,
+            device=device,
+            latency=m.latency,
+        )
+    # name the dense file by where it lies (or that it only existed for the measurement)
+    if dense_file is not None and dense_file.parent == out / "dense":
+        summary["rows"]["dense"]["file"] = f"dense/{WEIGHTS_FILE}"
+    elif dense_file is not None:
+        summary["rows"]["dense"]["file"] = "dense model.onnx (exported for the measurement, not kept)"
+    return int8, summary

@@ -156,7 +156,7 @@ def interleaved_medians(
     return {name: summarize_times(ts, statistic) for name, ts in times.items()}
 
 
-def measure_latency(
+def measure_latency_times(
     models: Mapping[str, str | os.PathLike[str] | nn.Module],
     input_shape: Sequence[int],
     batch_sizes: Sequence[int] = (1, 64),
@@ -166,16 +166,15 @@ def measure_latency(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     device: torch.device | None = None,
-    statistic: Statistic = "median",
-) -> dict[str, dict[int, float]]:
-    """Median ms per model and batch size, the models of one batch size interleaved.
+) -> dict[str, dict[int, list[float]]]:
+    """Every timed call (ms) per model and batch size, the models of one batch size interleaved.
 
     ``models``: ONNX files for ``onnxruntime``, modules for ``torch`` (on ``device``, the
     CPU by default).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    out: dict[str, dict[int, list[float]]] = {name: {} for name in models}
     dev = device or torch.device("cpu")
     with torch_threads(threads if runtime == "torch" else None):
         for batch in batch_sizes:
@@ -189,9 +188,38 @@ def measure_latency(
                     if not isinstance(model, nn.Module):
                         raise TypeError(f"{name}: the torch runtime times modules, not files")
                     runners[name] = torch_runner(model, input_shape, batch, dev)
-            for name, ms in interleaved_medians(runners, repeats, warmup, statistic).items():
-                out[name][batch] = ms
+            for name, ts in interleaved_times(runners, repeats, warmup).items():
+                out[name][batch] = ts
     return out
+
+
+def measure_latency(
+    models: Mapping[str, str | os.PathLike[str] | nn.Module],
+    input_shape: Sequence[int],
+    batch_sizes: Sequence[int] = (1, 64),
+    *,
+    runtime: Runtime = "onnxruntime",
+    threads: int = 1,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    device: torch.device | None = None,
+    statistic: Statistic = "median",
+) -> dict[str, dict[int, float]]:
+    """Median (or fastest) ms per model and batch size (see :func:`measure_latency_times`)."""
+    times = measure_latency_times(
+        models,
+        input_shape,
+        batch_sizes,
+        runtime=runtime,
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+    )
+    return {
+        name: {b: summarize_times(ts, statistic) for b, ts in per_batch.items()}
+        for name, per_batch in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ Evaluate = Callable[[Ranks], float]
 # (candidate ms, dense ms) measured side by side on the deployed runtime
 Measure = Callable[[Ranks], tuple[float, float]]
 
-CONFIRMATIONS = 3
+CONFIRMATIONS = 4
 # After a miss the predicted limit is scaled by budget / measured fraction times this margin.
 _MARGIN = 0.97
 # Note: the table adds up isolated ops, which leaves out what a whole model pays around them

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, JobConfig
-from core.progress import ProgressFn, StopFn
+from core.deploy import deployment
+from core.progress import ProgressFn, Stage, StopFn
 from core.report import REPORT_FILE, JobReport, ReportError, TrainingInfo, read_report
 from core.stages import (
     CHECKPOINT_FILE,
@@ -98,9 +99,23 @@ def _from_dense(
     dense, data, device = prepared.model, prepared.data, prepared.device
     dense.to(device).eval()
     compression: Compression = compress(config, dense, data, runner)
-    finetuned = finetune(config, compression, data, device, runner)  # skipped when finetune.epochs is 0
+    # skipped when finetune.epochs is 0; distills from the dense model when finetune.distill is set
+    finetuned = finetune(config, compression, data, device, runner, teacher=dense)
     measurements = measure(config, dense, finetuned.model, data, runner)
     exports = export(config, dense, finetuned.model, compression, data, prepared.num_classes, out, runner)
+    with runner.stage(Stage.EXPORT, "INT8 and the dense / compressed / INT8 summary"):
+        int8, summary = deployment(
+            config,
+            dense,
+            finetuned.model,
+            data,
+            out,
+            dense_val=compression.dense_val,
+            compressed_val=finetuned.val,
+            test_before=measurements.test_before,
+            test_after=measurements.test_after,
+            device=device,
+        )
     report = assemble(
         config,
         dense,
@@ -113,6 +128,8 @@ def _from_dense(
         device,
         training=training,
         selected_from=selected_from,
+        int8=int8,
+        summary=summary,
     )
     report.write(out / REPORT_FILE)
     runner.done()

@@ -21,6 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.speed_report import Int8Info, LatencySearch, Rounding, SpeedSummary
+
 SCHEMA_VERSION = 1
 REPORT_FILE = "report.json"
 
@@ -242,6 +244,14 @@ class JobReport(_Part):
     selected_from: str | None = Field(
         default=None, description="lorita select: the job directory this point was chosen from."
     )
+    summary: SpeedSummary | None = Field(
+        default=None, description="Dense / compressed / compressed INT8 side by side, as deployed."
+    )
+    int8: Int8Info | None = Field(default=None, description="model.int8.onnx (export format onnx_int8).")
+    latency_search: LatencySearch | None = Field(
+        default=None, description="latency_budget: the lookup table's prediction and the measurement."
+    )
+    rounding: Rounding | None = Field(default=None, description="compress.round_to as applied.")
 
     @property
     def chosen(self) -> SearchPoint | None:

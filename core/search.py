@@ -51,6 +51,7 @@ from core.config import (
     EnergyPolicy,
     FlopsBudgetPolicy,
     GlobalPolicy,
+    LatencyBudgetPolicy,
     NonePolicy,
     ParamsBudgetPolicy,
     UniformPolicy,
@@ -549,6 +550,11 @@ def choose(
             label = Label("global", threshold=threshold)
         case EnergyPolicy():
             ranks, label = svt.ranks_energy(spectra, policy.energy), Label("energy", step=0)
+        case LatencyBudgetPolicy():
+            # it measures the model on its runtime: core.latency_search, called by core.stages.compress
+            raise SearchError(
+                "latency_budget needs the model and its runtime; run it through core.stages.compress"
+            )
         case _:
             assert_never(policy)
     return _fixed(ranks, label, spectra, other_params, other_flops, evaluate)

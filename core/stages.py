@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from core.report import (
     SearchPoint,
     TrainingInfo,
 )
+from core.speed_report import Int8Info, LatencySearch, Rounding, SpeedSummary
 from core.train import FitSettings, StageWindow, accuracy, fingerprint, fit, resolve_device
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ def finetune_settings(ft: FinetuneConfig, train: TrainConfig | None, augment: bo
         augment=augment,
         patience=ft.patience,
         keep_best=True,
+        distill_alpha=ft.distill.alpha if ft.distill is not None else 0.0,
+        distill_temperature=ft.distill.temperature if ft.distill is not None else 4.0,
     )
 
 
@@ -298,6 +301,8 @@ class Compression:
     spectra: dict[str, svt.Spectrum]
     search: SearchResult
     model: nn.Module  # the truncated model at the chosen ranks
+    latency: dict[str, Any] | None = None  # latency_budget: predicted and measured (core.deploy)
+    rounding: dict[str, Any] | None = None  # compress.round_to as applied
 
     @property
     def ranks(self) -> svt.Ranks:
@@ -316,7 +321,10 @@ class Compression:
 def compress(config: JobConfig, model: nn.Module, data: DataBundle, runner: StageRunner) -> Compression:
     """SVD of each eligible layer and the ranks the policy asks for (see :mod:`core.search`)."""
     from core import search
+    from core.deploy import choose_ranks
     from core.metrics import count_flops, count_params
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     from core.program.job import spectra_of
     from core.program.job import truncate as truncate_model  # zoo models and programs
 
@@ -332,12 +340,17 @@ def compress(config: JobConfig, model: nn.Module, data: DataBundle, runner: Stag
             return accuracy(truncate_model(model, spectra, ranks), data.val)
 
         try:
-            result = search.choose(config.compress, spectra, other_params, other_flops, evaluate)
+            choice = choose_ranks(
+                config, model, spectra, data.input_shape, evaluate, other_params, other_flops, device
+            )
         except search.SearchError as err:
             raise ConfigError(f"compress: {err}") from None
+        result = choice.result
         # Both validation accuracies were measured by the search; a validation pass is
         # deterministic in eval mode, so neither is repeated.
-        return Compression(spectra, result, truncate_model(model, spectra, result.ranks))
+        return Compression(
+            spectra, result, truncate_model(model, spectra, result.ranks), choice.latency, choice.rounding
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,9 +366,17 @@ class Finetuned:
 
 
 def finetune(
-    config: JobConfig, compression: Compression, data: DataBundle, device: torch.device, runner: StageRunner
+    config: JobConfig,
+    compression: Compression,
+    data: DataBundle,
+    device: torch.device,
+    runner: StageRunner,
+    teacher: nn.Module | None = None,
 ) -> Finetuned:
-    """Fine-tune the compressed model; never return one worse on validation than the untuned one."""
+    """Fine-tune the compressed model; never return one worse on validation than the untuned one.
+
+    With ``finetune.distill`` the dense ``teacher``'s soft outputs join the labels.
+    """
     untuned = Finetuned(compression.model, compression.val, None)
     if config.finetune.epochs <= 0:
         return untuned
@@ -371,6 +392,7 @@ def finetune(
                 progress=runner.progress,
                 should_stop=runner.should_stop,
                 window=window(Stage.FINETUNE),
+                teacher=teacher if config.finetune.distill is not None else None,
             )
         except JobError as err:  # a diverging fine-tune: keep the untuned model, say why
             untuned.info = FinetuneInfo(
@@ -477,8 +499,12 @@ def export(
             ranks=svt.rank_table(compression.spectra, compression.ranks),
         )
         example = data.test.tensors[0][:2]
+        # onnx_int8 quantizes model.onnx afterwards (core.deploy), so it needs the FP32 export
+        formats: list[str] = [f for f in config.export if f != "onnx_int8"]
+        if "onnx_int8" in config.export and "onnx" not in formats:
+            formats.append("onnx")
         try:
-            files = export_all(compressed, meta, out, list(config.export), example)
+            files = export_all(compressed, meta, out, formats, example)
         except ExportError as err:
             raise JobError(str(err)) from None
         dense_meta = ModelMeta(
@@ -625,8 +651,10 @@ def assemble(
     *,
     training: TrainingInfo | None,
     selected_from: str | None = None,
+    int8: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> JobReport:
-    """The report of a job from what each stage returned."""
+    """The report of a job from what each stage returned (``int8`` and ``summary``: core.deploy)."""
     return JobReport(
         name=config.name,
         config=config.model_dump(mode="json"),
@@ -646,7 +674,7 @@ def assemble(
         ),
         latency_ms=measurements.latency_ms,
         size_bytes=exports.size_bytes,
-        ranks=layer_rows(dense, config, compression, training, data.num_classes),
+        ranks=_time_reasons(layer_rows(dense, config, compression, training, data.num_classes), compression),
         pareto=[SearchPoint.model_validate(p) for p in compression.search.points],
         search=SearchInfo(evaluations=len(compression.search.points)),
         training=training,
@@ -657,4 +685,18 @@ def assemble(
         device=str(device),
         versions=_versions(),
         selected_from=selected_from,
+        summary=SpeedSummary.model_validate(summary) if summary else None,
+        int8=Int8Info.model_validate(int8) if int8 else None,
+        latency_search=LatencySearch.model_validate(compression.latency) if compression.latency else None,
+        rounding=Rounding.model_validate(compression.rounding) if compression.rounding else None,
     )
+
+
+def _time_reasons(rows: dict[str, LayerRank], compression: Compression) -> dict[str, LayerRank]:
+    """Under latency_budget, say in each row why a layer stayed dense for time."""
+    reasons = (compression.latency or {}).get("reasons", {})
+    for name, reason in reasons.items():
+        row = rows.get(name)
+        if row is not None and not row.factorized:
+            row.reason = reason
+    return rows

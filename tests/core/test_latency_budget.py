@@ -65,6 +65,7 @@ def test_meets_the_budget_on_a_wide_mlp(tmp_path: Path) -> None:
         remeasure=probe.remeasure,
         multiple=8,
         max_evals=8,
+        confirmations=5,  # a shared, loaded machine may need more than one correction
     )
     # the chosen model was exported and measured side by side with the dense one
     assert info.met and info.measured_fraction is not None and info.measured_fraction <= 0.5
@@ -131,12 +132,12 @@ def test_a_measured_miss_is_refused_with_the_fastest_found() -> None:
         return 24.0, 30.0
 
     with pytest.raises(
-        BudgetError, match=r"was not met .*fastest model found runs at 0.80x .*after [23] measurement"
+        BudgetError, match=r"was not met .*fastest model found runs at 0.80x .*after [234] measurement"
     ):
         search_latency_budget(
             spectra, 0, 0, lambda r: 0.9, budget=0.5, table=table, dense_ms=20.0, measure=measure, multiple=8
         )
-    assert 2 <= len(calls) <= 3
+    assert 2 <= len(calls) <= 4
     # each retry tightened the predicted limit
     assert len({tuple(sorted(c.items())) for c in calls}) >= 2
 
