@@ -108,7 +108,8 @@ def assert_ended_once_with_verified_files(rig: Rig, job_id: str) -> dict[str, An
     assert {r[2].split("/")[4] for r in rows} == {folder}
     with rig.client(timeout=30) as client:
         for name, sha256, _, size in rows:
-            got = call(lambda name=name: client.get(f"/v1/jobs/{job_id}/artifacts/{name}"))
+            url = f"/v1/jobs/{job_id}/artifacts/{name}"
+            got = call(lambda url=url: client.get(url))  # type: ignore[misc]
             assert got.status_code == 200 and len(got.content) == size
             assert hashlib.sha256(got.content).hexdigest() == sha256 == got.headers["x-checksum-sha256"]
     tenant = rows[0][2].split("/")[1]
