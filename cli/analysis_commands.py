@@ -21,7 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             "artifacts. Same budget as the job: same ranks and figures."
         ),
     )
-    p.add_argument("job_dir", type=Path, metavar="DIR", help="the --out directory of a finished job")
+    p.add_argument(
+        "job_dir", type=Path, metavar="DIR", nargs="?", help="the --out directory of a finished job"
+    )
+    p.add_argument(
+        "--job",
+        metavar="ID",
+        help="a finished job of the service instead of DIR: a derived job runs there (no training), "
+        "its artifacts are downloaded to --out (default lorita-<new id>)",
+    )
+    p.add_argument("--url", help="with --job: the service (default LORITA_URL)")
+    p.add_argument("--key", help="with --job: the API key (default LORITA_API_KEY)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-drop", type=float, help="accuracy budget: absolute drop in val accuracy")
     budget.add_argument("--max-rel-drop", type=float, help="accuracy budget: relative drop in val accuracy")
@@ -72,7 +82,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from core.progress import JobCanceled, JobError
 
+    if (args.job_dir is None) == (args.job is None):
+        return fail("give either DIR (a local job directory) or --job ID (a job of the service)")
     policy, tag = policy_from_args(args)
+    if args.job is not None:
+        return select_on_service(args, policy)
     out = args.out or args.job_dir / f"select-{tag}"
     try:
         from core.pipeline import select, select_config
@@ -96,6 +110,51 @@ def cmd_select(args: argparse.Namespace) -> int:
             f"parameters, {chosen.flops_fraction:.3f} of the FLOPs"
         )
     print(f"artifacts in {out}", file=sys.stderr)
+    return 0
+
+
+def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
+    """``POST /v1/jobs/{id}/select``, follow the derived job, download its artifacts."""
+    import uuid
+
+    from cli.client import ClientError, LoritaClient
+    from cli.service_commands import follow_job
+    from store.settings import SettingsError, load_settings
+    from store.status import JobStatus
+
+    if args.device is not None:
+        return fail("--device applies to local directories; a job of the service runs where it runs")
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        return fail(str(err))
+    key = args.key or settings.api_key
+    if not key:
+        return fail("no API key: pass --key or set LORITA_API_KEY (create one with `lorita keys create`)")
+    body = {"compress": policy, "finetune": bool(args.finetune)}
+    try:
+        with LoritaClient(args.url or settings.url, key) as client:
+            job = client.select(args.job, body, idempotency_key=f"lorita-select-{uuid.uuid4().hex}")
+            job_id = job["id"]
+            print(f"job {job_id} {job['status']} (another operating point of {args.job})", file=sys.stderr)
+            job = follow_job(client, job_id, show=not args.quiet)
+            if job["status"] != JobStatus.SUCCEEDED:
+                return fail(f"job {job_id} {job['status']}: {job['error'] or job['status']}", 1)
+            out = Path(args.out or f"lorita-{job_id}")
+            client.download_artifacts(job_id, out)
+            report = client.report(job_id)
+    except ClientError as err:
+        return fail(str(err), 1)
+    except KeyboardInterrupt:
+        return fail("interrupted", code=130)
+    print(format_report_table(report))
+    chosen = next((p for p in report.get("pareto", []) if p.get("chosen")), None)
+    if chosen is not None:
+        print(
+            f"chosen after {len(report['pareto'])} evaluations: {chosen['params_fraction']:.3f} of the "
+            f"parameters, {chosen['flops_fraction']:.3f} of the FLOPs"
+        )
+    print(f"job {job_id}: artifacts in {out}", file=sys.stderr)
     return 0
 
 

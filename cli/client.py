@@ -229,14 +229,34 @@ class LoritaClient:
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/jobs/{job_id}/artifacts", "listing artifacts")["data"])
 
+    def select(
+        self, job_id: str, body: Mapping[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/jobs/{id}/select``: a derived job (another operating point, no training);
+        retried safely: every try carries the same ``Idempotency-Key``."""
+        headers = {"Idempotency-Key": idempotency_key or f"lorita-{uuid.uuid4().hex}"}
+        what = f"choosing another operating point of job {job_id}"
+        return dict(self._call("POST", f"/v1/jobs/{job_id}/select", what, json=dict(body), headers=headers))
+
     def wait(
         self,
         job_id: str,
         *,
         interval_s: float = 1.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
+        stream: bool = True,
     ) -> dict[str, Any]:
-        """Poll the job until it has finished; ``on_update`` sees every state read."""
+        """Follow the job until it has finished: through its event stream where the service
+        offers one (``cli.events``), else by polling; ``on_update`` sees every state read."""
+        if stream:
+            from cli.events import follow_stream
+
+            if follow_stream(self._http, job_id, on_update or (lambda _: None)):
+                job = self.job(job_id)
+                if on_update is not None:
+                    on_update(job)
+                if JobStatus(job["status"]).finished:
+                    return job
         while True:
             job = self.job(job_id)
             if on_update is not None:

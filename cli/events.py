@@ -56,6 +56,7 @@ def follow_stream(
     """Follow the job's stream until its ``end`` event (True); False when there is no stream."""
     last_id: str | None = None
     failures = 0
+    connected = False  # a first try that fails is no stream: the caller's polling rides it out
     while failures <= MAX_RECONNECTS:
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
@@ -72,6 +73,7 @@ def follow_stream(
                     if resp.status_code in (404, 405, 406, 501) or resp.status_code < 400:
                         return False  # no stream here (404 also for an unknown job: polling says so)
                     raise httpx.TransportError(f"HTTP {resp.status_code}")
+                connected = True
                 for event, data, ident in parse_events(resp.iter_lines()):
                     if ident is not None:
                         last_id = ident
@@ -83,7 +85,9 @@ def follow_stream(
                     elif event == "reconnect":
                         failures = 0  # the server's time limit, not a failure
         except httpx.TransportError:
-            pass  # a dropped connection or a restart: reconnect below
+            if not connected:
+                return False
+            # a dropped connection or a restart: reconnect below
         failures += 1
         sleep(RECONNECT_DELAY_S)
     return False

@@ -1,0 +1,77 @@
+"""Operating points through the embedded service: ``lorita submit`` follows the job's event
+stream, ``lorita select --job`` runs a derived job there, and its figures equal ``lorita select``
+on the job's own files."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cli.demo import create_key, lorita, running_service, service_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CONFIG = {
+    "model": {"arch": "fcn", "options": {"depth": 2, "width": 32}},
+    "dataset": {"name": "digits"},
+    "train": {"factors": 2, "epochs": 2, "batch_size": 64},
+    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 8},
+    "finetune": {"epochs": 0},
+    "measure": {"latency": False},
+    "export": ["safetensors"],
+    "device": "cpu",
+}
+SELECT = ("--params", "0.4", "--max-evals", "8", "--quiet")
+
+
+def run(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(lorita(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_select_through_the_service_agrees_with_select_on_the_jobs_files(tmp_path: Path) -> None:
+    env = service_env(tmp_path, OMP_NUM_THREADS="1")
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(CONFIG))
+    with running_service(tmp_path, env) as url:
+        key = create_key(env, tmp_path)
+        service = ("--url", url, "--key", key)
+        submitted = run(
+            "submit", str(config), *service, "--out", str(tmp_path / "job"), "--quiet", env=env, cwd=tmp_path
+        )
+        match = re.search(r"job ([0-9a-f]{32}) ", submitted.stderr)
+        assert match, submitted.stderr
+        job_id = match.group(1)
+        remote = run(
+            "select",
+            "--job",
+            job_id,
+            *SELECT,
+            *service,
+            "--out",
+            str(tmp_path / "remote"),
+            env=env,
+            cwd=tmp_path,
+        )
+    log = (tmp_path / "serve.log").read_text()
+    assert f"/v1/jobs/{job_id}/stream" in log  # submit followed the stream, not only polls
+
+    # the job's own files on the server: its report and the dense model it kept
+    parent_dir = next((tmp_path / "var" / "artifacts").glob(f"**/{job_id}/a1"))
+    assert (parent_dir / "dense" / "model.safetensors").is_file()
+    local = run("select", str(parent_dir), *SELECT, "--out", str(tmp_path / "local"), env=env, cwd=tmp_path)
+    print("lorita select --job (service):\n" + remote.stdout)
+    print("lorita select DIR (local):\n" + local.stdout)
+
+    served = json.loads((tmp_path / "remote" / "report.json").read_text())
+    mine = json.loads((tmp_path / "local" / "report.json").read_text())
+    for key_ in ("params", "flops", "accuracy", "ranks", "pareto"):
+        assert served[key_] == mine[key_], key_
+    assert served["selected_from"] == f"job {job_id}"
+    assert served["params"]["after"] <= 0.4 * served["params"]["before"]
+    assert remote.stdout == local.stdout  # the same table and chosen point
