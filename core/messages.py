@@ -14,8 +14,9 @@ import re
 import uuid
 
 # an absolute POSIX path of two or more parts (quotes, spaces and commas end it); the whole path
-# is replaced by its last part, the file name the user knows
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])(?:~|/)(?:[\w.@+-]+/)+([\w.@+-]+)/?")
+# is replaced by its last part, the file name the user knows. The service's own URLs
+# (/v1/models, /ui/...) are advice, not paths: kept.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])(?:~|/(?!v1/|ui/|docs))(?:[\w.@+-]+/)+([\w.@+-]+)/?")
 # a file:// or similar URL with a local path
 _FILE_URL = re.compile(r"file://\S+/([\w.@+-]+)")
 MAX_MESSAGE_CHARS = 1000

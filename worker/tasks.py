@@ -22,12 +22,14 @@ from typing import Any
 from celery import signals
 from sqlalchemy.exc import SQLAlchemyError
 
+from core.messages import failure_message, new_reference, user_message
 from store import lifecycle, references
 from store.artifacts import NO_SPACE_MESSAGE, ArtifactStoreUnavailable, get_artifact_store
 from store.db import dispose_engines, session_scope
 from store.jobfiles import JobFiles
 from store.logging import job_context
 from store.models import Job
+from store.outage import OutageGate
 from store.settings import Settings, get_settings
 from store.status import JobStatus
 from worker import derive
@@ -58,6 +60,9 @@ class JobReporter:
         self.lease_seconds = lease_seconds
         self.stale = False
         self.started = time.monotonic()
+        # heartbeats, progress and cancel polls share one view of the database: while it is down
+        # they log once and back off, instead of a traceback per report
+        self.db = OutageGate(f"job {job_id} attempt {attempt}", log)
         self._last_write = 0.0
         self._last_key: tuple[Any, Any] | None = None
         self._last_cancel_poll = 0.0
@@ -76,13 +81,18 @@ class JobReporter:
     def _heartbeat_loop(self) -> None:
         interval = max(1.0, self.lease_seconds / 3)
         while not self._stop.wait(interval):
+            if not self.db.ready():
+                continue
             try:
                 with session_scope() as session:
-                    if not lifecycle.heartbeat(session, self.job_id, self.attempt, self.lease_seconds):
-                        self.stale = True
-                        return
-            except SQLAlchemyError:
-                log.exception("heartbeat of job %s failed", self.job_id)
+                    alive = lifecycle.heartbeat(session, self.job_id, self.attempt, self.lease_seconds)
+            except SQLAlchemyError as err:
+                self.db.failed(err)
+                continue
+            self.db.succeeded()
+            if not alive:
+                self.stale = True
+                return
 
     def eta(self, fraction: float) -> float | None:
         if fraction < 0.02:
@@ -96,6 +106,8 @@ class JobReporter:
         now = time.monotonic()
         if not significant and now - self._last_write < PROGRESS_INTERVAL_S:
             return
+        if not self.db.ready():
+            return
         try:
             with session_scope() as session:
                 ok = lifecycle.record_progress(
@@ -107,9 +119,10 @@ class JobReporter:
                     eta_seconds=self.eta(p.fraction),
                     event=significant,
                 )
-        except SQLAlchemyError:
-            log.exception("could not record progress of job %s", self.job_id)
+        except SQLAlchemyError as err:
+            self.db.failed(err)
             return
+        self.db.succeeded()
         self._last_write = now
         self._last_key = key
         if not ok:
@@ -119,13 +132,14 @@ class JobReporter:
         if self.stale or self._cancel:
             return True
         now = time.monotonic()
-        if now - self._last_cancel_poll >= CANCEL_POLL_INTERVAL_S:
+        if now - self._last_cancel_poll >= CANCEL_POLL_INTERVAL_S and self.db.ready():
             self._last_cancel_poll = now
             try:
                 with session_scope() as session:
                     self._cancel = lifecycle.cancel_requested(session, self.job_id)
-            except SQLAlchemyError:
-                log.exception("could not poll cancel of job %s", self.job_id)
+                self.db.succeeded()
+            except SQLAlchemyError as err:
+                self.db.failed(err)
         return self._cancel or self.stale
 
 
@@ -223,7 +237,7 @@ def _run_attempt(
             log.info("job %s canceled", job_id)
             outcome = "canceled"
     except (JobError, ConfigError, references.UnresolvedReference) as err:
-        _record_outcome(job_id, attempt, JobStatus.FAILED, str(err))
+        _record_outcome(job_id, attempt, JobStatus.FAILED, user_message(err))
         log.info("job %s failed: %s", job_id, err)
         reason = failure_reason(err)
     except ArtifactStoreUnavailable as err:
@@ -237,8 +251,15 @@ def _run_attempt(
             _record_outcome(job_id, attempt, JobStatus.FAILED, NO_SPACE_MESSAGE)
             reason = "no_space"
         else:
-            log.error("job %s attempt %d: internal error\n%s", job_id, attempt, traceback.format_exc())
-            _record_outcome(job_id, attempt, JobStatus.FAILED, f"internal error: {type(err).__name__}: {err}")
+            ref = new_reference()
+            log.error(
+                "job %s attempt %d: internal error (reference %s)\n%s",
+                job_id,
+                attempt,
+                ref,
+                traceback.format_exc(),
+            )
+            _record_outcome(job_id, attempt, JobStatus.FAILED, failure_message(err, ref))
             reason = "internal"
     finally:
         hooks.end_stage()

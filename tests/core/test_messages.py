@@ -28,6 +28,10 @@ from core.messages import failure_message, scrub_paths, user_message
             "x_train has shape (2, 0); each sample needs a value",
         ),
         ("give a ratio like 1/2 or a path like model.pt", "give a ratio like 1/2 or a path like model.pt"),
+        (
+            "upload it with POST /v1/models/ and see GET /v1/jobs/abc/artifacts",
+            "upload it with POST /v1/models/ and see GET /v1/jobs/abc/artifacts",
+        ),
     ],
 )
 def test_absolute_paths_become_file_names(raw: str, expected: str) -> None:
