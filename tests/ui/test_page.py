@@ -37,6 +37,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (th
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
@@ -147,8 +148,9 @@ def job_id_of(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def watch_job_page(driver: Any) -> list[float]:
-    """Progress values the job page shows until it renders the finished job's results."""
+def watch_job_page(driver: Any, on_running: Callable[[], Any] | None = None) -> list[float]:
+    """Progress values the job page shows until it renders the finished job's results;
+    ``on_running`` is called once, the first time the bar is part-way."""
     seen: list[float] = []
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
@@ -161,6 +163,9 @@ def watch_job_page(driver: Any) -> list[float]:
             continue
         if not seen or value != seen[-1]:
             seen.append(value)
+            if on_running is not None and 0.0 < value < 1.0 and finished != "true":
+                on_running()
+                on_running = None
         if finished == "true":
             assert status == "succeeded", driver.find_element(By.ID, "job-progress-text").text
             return seen
@@ -228,8 +233,7 @@ def finished_job(
         what="the job page",
     )
     job_id = job_id_of(driver.current_url)
-    shot(driver, shots, "05-job-running", full_page=False)
-    progress = watch_job_page(driver)
+    progress = watch_job_page(driver, lambda: shot(driver, shots, "05-job-running", full_page=False))
     assert progress[-1] == 1.0
     assert progress == sorted(progress), f"progress went backwards: {progress}"
     shot(driver, shots, "06-job-finished")
@@ -299,7 +303,6 @@ def test_job_page_shows_results_pareto_chart_and_downloads_with_checksums(
     driver.set_window_size(1280, 1000)
 
 
-@pytest.mark.skip(reason="the worker side of derived jobs lands with the next commit")
 def test_use_this_point_creates_a_derived_job_that_succeeds(
     service: Service, browser: Any, shots: Path, finished_job: str
 ) -> None:
@@ -314,7 +317,9 @@ def test_use_this_point_creates_a_derived_job_that_succeeds(
     point = min(candidates, key=lambda c: float(c.get_attribute("data-params-fraction")))
     fraction = float(point.get_attribute("data-params-fraction"))
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", point)
-    point.click()
+    driver.execute_script("arguments[0].focus()", point)  # the keyboard path: focus, then Enter
+    assert driver.switch_to.active_element == point
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
     form = driver.find_element(By.ID, "use-point")
     wait(driver, lambda d: form.is_displayed(), what="the 'use this point' form")
     assert driver.switch_to.active_element == driver.find_element(By.ID, "use-point-button")
