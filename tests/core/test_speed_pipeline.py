@@ -69,3 +69,17 @@ def test_finetune_distilled(speed_job: tuple[Path, JobReport]) -> None:
     _, report = speed_job
     assert report.finetune is not None and report.finetune.history
     assert report.config["finetune"]["distill"] == {"alpha": 0.5, "temperature": 4.0}
+
+
+def test_cli_prints_the_deployed_table(speed_job: tuple[Path, JobReport]) -> None:
+    from cli.output import format_report_table
+
+    _, report = speed_job
+    text = format_report_table(report)
+    print(text)
+    assert "as deployed (onnxruntime" in text
+    for label in ("dense", "compressed", "compressed INT8"):
+        assert any(line.startswith(label + " ") for line in text.splitlines()), label
+    assert "ms @1" in text and "ms @64" in text
+    assert "latency_budget 0.5 at batch 64: predicted" in text
+    assert "ranks rounded to multiples of 8" in text and "INT8:" in text
