@@ -1,0 +1,161 @@
+"""The page's sign-in, its defences against cross-site requests and its tenant rules, without a
+browser (the browser tests in tests/ui drive the same pages in Chromium)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from api.ui.security import csrf_token
+from store.models import Job
+from tests.api.conftest import Caller
+
+pytestmark = pytest.mark.postgres
+
+JOB: dict[str, Any] = {
+    "model": {"arch": "fcn", "options": {"depth": 2, "width": 16}},
+    "dataset": {"name": "digits"},
+    "train": {"factors": 2, "epochs": 2},
+    "compress": {"policy": "global", "keep": 0.5},
+}
+HIDDEN_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def sign_in(client: TestClient, caller: Caller, next_: str = "/ui/jobs") -> Any:
+    page = client.get("/ui/login")
+    token = HIDDEN_CSRF.search(page.text)
+    assert token is not None
+    return client.post(
+        "/ui/login",
+        data={"csrf": token.group(1), "api_key": caller.key, "next": next_},
+        follow_redirects=False,
+    )
+
+
+def submit(client: TestClient, caller: Caller) -> str:
+    resp = client.post("/v1/jobs", headers=caller.headers, json=JOB)
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def test_root_and_pages_lead_to_the_sign_in_without_a_session(client: TestClient) -> None:
+    root = client.get("/", follow_redirects=False)
+    jobs = client.get("/ui/jobs", follow_redirects=False)
+
+    assert root.status_code == 302 and root.headers["location"] == "/ui"
+    assert jobs.status_code == 303 and jobs.headers["location"].startswith("/ui/login?next=")
+
+
+def test_sign_in_sets_an_httponly_samesite_strict_cookie(client: TestClient, alice: Caller) -> None:
+    resp = sign_in(client, alice)
+
+    assert resp.status_code == 303 and resp.headers["location"] == "/ui/jobs"
+    cookie = next(c for c in resp.headers.get_list("set-cookie") if c.startswith("lorita_session="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    page = client.get("/ui/jobs")
+    assert page.status_code == 200 and alice.tenant.name in page.text
+
+
+def test_sign_in_refuses_a_wrong_key_a_missing_form_token_and_another_origin(
+    client: TestClient, alice: Caller
+) -> None:
+    page = client.get("/ui/login")
+    token = HIDDEN_CSRF.search(page.text).group(1)  # type: ignore[union-attr]
+
+    wrong = client.post("/ui/login", data={"csrf": token, "api_key": "lrt_nope"}, follow_redirects=False)
+    no_token = client.post("/ui/login", data={"api_key": alice.key}, follow_redirects=False)
+    elsewhere = client.post(
+        "/ui/login",
+        data={"csrf": token, "api_key": alice.key},
+        headers={"Origin": "https://evil.example"},
+        follow_redirects=False,
+    )
+
+    assert wrong.status_code == 401 and "not valid" in wrong.text and "lorita_session" not in client.cookies
+    assert no_token.status_code == 403
+    assert elsewhere.status_code == 403
+
+
+def test_next_never_leads_to_another_site(client: TestClient, alice: Caller) -> None:
+    for target in ("//evil.example/x", "https://evil.example/", "/ui/../../x\\y"):
+        client.cookies.clear()
+        assert sign_in(client, alice, target).headers["location"] == "/ui/jobs"
+
+
+def test_a_form_post_needs_the_sessions_csrf_token_and_this_origin(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    job_id = submit(client, alice)
+    sign_in(client, alice)
+    url = f"/ui/jobs/{job_id}/cancel"
+
+    no_token = client.post(url, follow_redirects=False)
+    wrong_token = client.post(url, data={"csrf": csrf_token("another key")}, follow_redirects=False)
+    other_origin = client.post(
+        url, data={"csrf": csrf_token(alice.key)}, headers={"Origin": "null"}, follow_redirects=False
+    )
+    assert (no_token.status_code, wrong_token.status_code, other_origin.status_code) == (403, 403, 403)
+    assert session.get(Job, job_id, populate_existing=True).status == "queued"  # type: ignore[union-attr]
+
+    ok = client.post(
+        url,
+        data={"csrf": csrf_token(alice.key)},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
+    assert ok.status_code == 303
+    assert session.get(Job, job_id, populate_existing=True).status == "canceled"  # type: ignore[union-attr]
+
+
+def test_the_bridge_needs_the_cookie_and_for_writes_the_token(client: TestClient, alice: Caller) -> None:
+    job_id = submit(client, alice)
+    assert client.get("/ui/api/jobs").status_code == 401
+    sign_in(client, alice)
+
+    listed = client.get("/ui/api/jobs")
+    write_without_token = client.post(f"/ui/api/jobs/{job_id}/cancel")
+    write_with_token = client.post(
+        f"/ui/api/jobs/{job_id}/cancel", headers={"X-CSRF-Token": csrf_token(alice.key)}
+    )
+    outside = client.get("/ui/api/healthz")
+
+    assert listed.status_code == 200 and [j["id"] for j in listed.json()["data"]] == [job_id]
+    assert write_without_token.status_code == 403
+    assert write_with_token.status_code == 200 and write_with_token.json()["status"] == "canceled"
+    assert outside.status_code == 404
+
+
+def test_another_tenant_sees_nothing_of_the_job_on_the_page(
+    client: TestClient, alice: Caller, bob: Caller, session: Session
+) -> None:
+    job_id = submit(client, alice)
+    sign_in(client, bob)
+
+    listing = client.get("/ui/jobs")
+    page = client.get(f"/ui/jobs/{job_id}")
+    bridged = client.get(f"/ui/api/jobs/{job_id}")
+    cancel = client.post(
+        f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf_token(bob.key)}, follow_redirects=False
+    )
+
+    assert job_id not in listing.text
+    assert page.status_code == 404 and "Not found" in page.text
+    assert bridged.status_code == 404
+    assert cancel.status_code == 404
+    assert session.get(Job, job_id, populate_existing=True).status == "queued"  # type: ignore[union-attr]
+
+
+def test_pages_forbid_framing_and_outside_scripts(client: TestClient, alice: Caller) -> None:
+    sign_in(client, alice)
+
+    page = client.get("/ui/jobs/new")
+
+    assert page.status_code == 200
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert 'value="digits-fcn-lorita"' in page.text  # the form starts from examples/digits_fcn.json
+    assert client.get("/ui/static/app.js").status_code == 200
