@@ -196,7 +196,7 @@ def finished_job(
         float(driver.find_element(By.CSS_SELECTOR, "#upload-dataset progress").get_attribute("value")) == 1.0
     )
     chosen = Select(driver.find_element(By.ID, "f-dataset")).first_selected_option
-    assert chosen.get_attribute("value").startswith("upload:")
+    assert str(chosen.get_attribute("value")).startswith("upload:")
 
     # the form starts from examples/digits_fcn.json; make it small
     assert driver.find_element(By.ID, "f-name").get_attribute("value") == "digits-fcn-lorita"
