@@ -197,10 +197,17 @@ def _connect_signals() -> None:
 
     settings = get_settings()
 
+    folders: list[Path] = []
+
     @signals.worker_init.connect(weak=False)
     def _serve(**_: Any) -> None:
         if settings.worker_metrics_port is not None:
-            serve_worker_metrics(settings.worker_metrics_port, settings.var_dir)
+            folders.append(serve_worker_metrics(settings.worker_metrics_port, settings.var_dir))
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _clean(**_: Any) -> None:
+        for folder in folders:  # this worker's value files; a killed worker's go with var_dir
+            remove_metrics_dir(folder)
 
     if settings.log_format is not None:
         fmt = settings.log_format
