@@ -443,6 +443,7 @@ def search_cost_budget(
     reference = s.reference()
     scores = (importance or NormalizedSingularValues())(spectra)
     measured = getattr(importance, "measure", None)  # e.g. core.allocation.SensitivityAllocation
+    hint = None
     if measured is not None and not reference.within_budget:
         hint = svt.ranks_under_budget(svt.normalized_scores(spectra), measure.of, limit)
         scores = measured(spectra, _probe(s), hint[0] if hint else None, s.evaluations_remaining)
@@ -460,6 +461,12 @@ def search_cost_budget(
     if not s.can_evaluate(start_ranks):
         return s.finish(reference.ranks)  # pragma: no cover - max_evals >= 2 by schema
     best = s.point(start_ranks, Label("start", threshold=threshold))
+    if hint is not None and s.evaluations_remaining > 0 and s.known(hint[0]) is None:
+        # A measured allocation competes with the global threshold's own fit: the search goes on
+        # from whichever is more accurate on validation, so it never starts worse than the default.
+        plain = s.point(hint[0], Label("start", threshold=hint[1]))
+        if plain.val_accuracy > best.val_accuracy + _EPS:
+            best, scores = plain, svt.normalized_scores(spectra)
 
     # Coordinate search over per-layer weights of the scores.
     weights = {k: 1.0 for k in spectra}

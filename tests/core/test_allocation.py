@@ -118,6 +118,14 @@ def test_never_exceeds_the_budget_nor_max_evals(budget: float, cost: str, max_ev
     assert len(result.points) <= max_evals
     assert sum(p.chosen for p in result.points) == 1
     assert result.chosen.within_budget
+    if max_evals >= 3:  # the global threshold's own fit competes: never worse on validation
+        fit = svt.ranks_under_budget(
+            svt.normalized_scores(spectra),
+            lambda r: measure(spectra, r, other),
+            math.floor(budget * dense),
+        )
+        assert fit is not None
+        assert result.chosen.val_accuracy >= Sensitive(spectra, sensitive="head")(fit[0]) - 1e-12
 
 
 def test_probes_are_evaluations_of_the_search_on_its_pareto_curve(twins: dict[str, Spectrum]) -> None:
