@@ -466,8 +466,22 @@ class LatencyTable:
         return total
 
     def predict(self, dense_ms: float, ranks: Mapping[str, int], factorized: Mapping[str, bool]) -> float:
-        """Predicted latency of the model at ``ranks``: measured dense ms + the layers' deltas."""
-        return max(0.0, dense_ms + self.delta_ms(ranks, factorized))
+        """Predicted latency of the model at ``ranks`` from the measured dense model's ``dense_ms``.
+
+        Note: the whole model is the layers' ops plus the rest (activations, pooling, copies):
+        ``rest = dense_ms - sum(dense ops)``, and the prediction is
+        ``dense_ms x (rest + sum(op at its rank)) / (rest + sum(dense ops))``. When the isolated
+        ops add up to less than the model (the usual case) this is exactly the dense time plus
+        :meth:`delta_ms`; when they add up to more (isolated ops pay layout changes a fused
+        model does not) the rest is 0 and the saving is taken as a fraction, which cancels
+        that inflation instead of predicting a time near zero.
+        """
+        dense_ops = sum(lat.dense_ms for lat in self.layers.values())
+        rest = max(0.0, dense_ms - dense_ops)
+        total = rest + dense_ops
+        if total <= 0:
+            return dense_ms
+        return max(0.0, dense_ms * (total + self.delta_ms(ranks, factorized)) / total)
 
     def merged(self, other: LatencyTable) -> LatencyTable:
         """Per op the faster of the two measurements (same layers and grids; see "min")."""

@@ -198,3 +198,16 @@ def test_measure_latency_of_files_and_modules(tmp_path: Path) -> None:
         measure_latency({"a": a}, (12,), (2,), runtime="onnxruntime", repeats=1)
     with pytest.raises(ValueError):
         measure_latency({"a": a}, (12,), (2,), runtime="tensorrt", repeats=1)  # type: ignore[arg-type]
+
+
+def test_prediction_scales_when_isolated_ops_add_up_to_more_than_the_model() -> None:
+    # isolated ops 30 + 10 = 40 ms, but the whole dense model runs in 20 ms: savings are fractions
+    table = LatencyTable(
+        "onnxruntime",
+        64,
+        1,
+        {"a": LayerLatency("a", 30.0, [8], [6.0]), "b": LayerLatency("b", 10.0, [8], [5.0])},
+    )
+    assert table.predict(20.0, {"a": 8, "b": 8}, {"a": True, "b": False}) == pytest.approx(20.0 * 16 / 40)
+    assert table.predict(20.0, {"a": 8, "b": 8}, {"a": True, "b": True}) == pytest.approx(20.0 * 11 / 40)
+    assert table.predict(20.0, {"a": 8, "b": 8}, {}) == pytest.approx(20.0)
