@@ -40,12 +40,13 @@ from api.deps import (
     get_session,
 )
 from api.errors import AppError
+from api.job_checks import check_job_size
 from api.jobs import job_read, resolve_references
 from api.schemas import JobEventRead, JobRead
 from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig
 from store.artifacts import ArtifactStore
 from store.db import get_sessionmaker
-from store.models import Dataset, Job
+from store.models import Job
 from store.repositories import jobs as job_repo
 from store.settings import Settings
 from store.status import FINISHED, JobStatus
@@ -270,34 +271,40 @@ def _plan_semaphore() -> anyio.Semaphore:
 
 def plan_config(
     session: Session, tenant: TenantRef, config: JobConfig, settings: Settings, store: ArtifactStore
-) -> tuple[JobConfig, str | None, str | None]:
-    """The config ``core.plan`` can read: references checked and uploads turned into their files.
+) -> tuple[JobConfig, dict[str, str]]:
+    """The config ``core.plan`` can read: checked as ``POST /v1/jobs`` checks it (references,
+    the data's and the model's size), its uploads turned into their local files.
 
-    Returns (config, the local path of an uploaded dataset, its id) so that error messages can
-    name the dataset by id instead of by a server path. Builtin torchvision data is read from the
-    operator's data directory and never downloaded for a plan.
+    Returns the config and {local path: what a person calls it} so that error messages name
+    uploads by id, never by a server path. Torchvision data is read from the operator's data
+    directory and never downloaded for a plan.
     """
+    from store import references
+
     config = resolve_references(session, tenant, config)
-    ds = config.dataset
-    if ds.id is not None:
-        record = session.get(Dataset, ds.id)
-        assert record is not None  # resolve_references checked it
-        path = str(store.local_path(record.location))
-        dataset = ds.model_copy(update={"id": None, "path": path})
-        return config.model_copy(update={"dataset": dataset}), path, ds.id
-    if ds.name in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
-        if settings.data_dir is None:
-            raise AppError(
-                422,
-                f"dataset.name: {ds.name!r} is not available on this server (no data directory); "
-                "upload it as an .npz with POST /v1/datasets",
-            )
-        dataset = ds.model_copy(update={"root": settings.data_dir, "download": False})
-        return config.model_copy(update={"dataset": dataset}), None, None
-    return config, None, None
+    check_job_size(session, tenant.id, config, settings)
+    try:
+        resolved = references.resolve_for_run(session, tenant.id, config, store.local_path, settings)
+    except references.ReferenceNotFound as err:
+        raise AppError(404, str(err)) from None
+    except references.UnresolvedReference as err:
+        raise AppError(422, str(err)) from None
+    if resolved.dataset.download:
+        resolved = resolved.model_copy(
+            update={"dataset": resolved.dataset.model_copy(update={"download": False})}
+        )
+    names: dict[str, str] = {}
+    for before, after, label in (
+        (config.dataset.id, resolved.dataset.path, "dataset"),
+        (config.model.weights, resolved.model.weights, "model"),
+        (getattr(config.model, "program", None), getattr(resolved.model, "program", None), "model"),
+    ):
+        if before is not None and after is not None and before != after:
+            names[str(after)] = f"{label} {before}"
+    return resolved, names
 
 
-def build_plan(config: JobConfig, data_path: str | None, dataset_id: str | None) -> dict[str, Any]:
+def build_plan(config: JobConfig, names: Mapping[str, str]) -> dict[str, Any]:
     """``core.plan.plan_job`` with its errors as 422s that name no server path."""
     from core.config import ConfigError
     from core.plan import plan_job
@@ -307,8 +314,8 @@ def build_plan(config: JobConfig, data_path: str | None, dataset_id: str | None)
         return plan_job(config).to_dict()
     except (ConfigError, JobError, ValueError) as err:
         message = str(err)
-        if data_path is not None:
-            message = message.replace(data_path, f"dataset {dataset_id}")
+        for path, name in names.items():
+            message = message.replace(path, name)
         raise AppError(422, message) from None
 
 
@@ -318,9 +325,7 @@ async def plan_for(
     """Check the config, then build the plan in a worker thread; 429 when too many are running."""
     from starlette.concurrency import run_in_threadpool
 
-    prepared, path, dataset_id = await run_in_threadpool(
-        plan_config, session, tenant, config, settings, store
-    )
+    prepared, names = await run_in_threadpool(plan_config, session, tenant, config, settings, store)
     # the references were read; the connection is not needed while the model is built
     await run_in_threadpool(session.close)
     sem = _plan_semaphore()
@@ -331,7 +336,7 @@ async def plan_for(
             headers={"Retry-After": "2"},
         )
     async with sem:
-        return await run_in_threadpool(build_plan, prepared, path, dataset_id)
+        return await run_in_threadpool(build_plan, prepared, names)
 
 
 class PlanRead(BaseModel):

@@ -399,3 +399,17 @@ def test_the_dense_model_is_listed_only_when_asked_for(
     assert plain == ["model.onnx"]
     assert sorted(dense) == [DENSE_WEIGHTS, "model.onnx"]
     assert client.get(url, headers=alice.headers, params={"include": "all"}).status_code == 422
+
+
+def test_plan_refuses_a_model_past_the_operators_size_limit_before_building_it(
+    client: TestClient, alice: Caller
+) -> None:
+    huge = SMALL_JOB | {"model": {"arch": "fcn", "options": {"depth": 3, "width": 200_000}}}
+
+    resp = client.post("/v1/plan", headers=alice.headers, json=huge)
+
+    assert resp.status_code == 422
+    assert (
+        resp.json()["detail"].startswith("model.options")
+        and "LORITA_MAX_MODEL_PARAMETERS" in resp.json()["detail"]
+    )
