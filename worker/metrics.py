@@ -103,12 +103,15 @@ class RunHooks:
 
     def progress(self, p: Any) -> None:
         now = time.monotonic()
+        new_epoch = p.epoch is not None and p.epoch != self._epoch
+        if self._epoch is not None and self._on_epoch is not None and (new_epoch or p.stage != self._stage):
+            self._on_epoch()  # the previous epoch's (or the last one's) checkpoint is on disk now
         if p.stage != self._stage:
             self.end_stage(now)
             self._stage, self._stage_started = p.stage, now
-        if p.epoch is not None and p.epoch != self._epoch:
-            if self._epoch is not None and self._on_epoch is not None:
-                self._on_epoch()  # the previous epoch's checkpoint is on disk now
+            if p.epoch is None:
+                self._epoch = None
+        if new_epoch:
             self._epoch = p.epoch
         self._progress(p)
 
