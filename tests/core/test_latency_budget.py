@@ -132,14 +132,14 @@ def test_a_measured_miss_is_refused_with_the_fastest_found() -> None:
         return 24.0, 30.0
 
     with pytest.raises(
-        BudgetError, match=r"was not met .*fastest model found runs at 0.80x .*after [234] measurement"
+        BudgetError, match=r"was not met .*fastest model found runs at 0.80x .*after [1234] measurement"
     ):
         search_latency_budget(
             spectra, 0, 0, lambda r: 0.9, budget=0.5, table=table, dense_ms=20.0, measure=measure, multiple=8
         )
-    assert 2 <= len(calls) <= 4
-    # each retry tightened the predicted limit
-    assert len({tuple(sorted(c.items())) for c in calls}) >= 2
+    # a retry aims lower (it stops once nothing the table predicts fits the tightened limit)
+    assert 1 <= len(calls) <= 4
+    assert len({tuple(sorted(c.items())) for c in calls}) == len(calls)
 
 
 def test_round_result_evaluates_and_chooses_the_rounded_point() -> None:
