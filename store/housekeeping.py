@@ -14,8 +14,9 @@ lists the job folders of the store and compares them with the jobs' rows:
 Retention (``LORITA_ARTIFACT_RETENTION_DAYS``): a finished job whose end is older than that loses
 its artifact rows and files; the job row, its report and figures stay.
 
-On an S3 store the worker's local workspace (``LORITA_WORK_DIR/jobs``) is swept the same way for
-jobs that are no longer running. Every step is idempotent; several workers may run it at once.
+On an S3 store the process's local workspace (``LORITA_WORK_DIR/jobs``) is swept the same way for
+jobs that are no longer running, and its read cache (``LORITA_WORK_DIR/cache``) loses the copies
+of deleted uploads and of files of jobs that no longer run. Every step is idempotent; several workers may run it at once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore, LocalArtifactStore, job_key
 from store.db import session_scope
-from store.models import Artifact, Job, utcnow
+from store.models import Artifact, Dataset, Job, ModelRecord, utcnow
 from store.status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,42 @@ def sweep_local_workspace(store: ArtifactStore, database_url: str | None = None)
     return removed
 
 
+def sweep_local_cache(store: ArtifactStore, database_url: str | None = None) -> list[str]:
+    """S3 only: this machine's cached downloads of uploads that were deleted, and of files of jobs
+    that are no longer queued or running (a derived job's copy of its parent's dense model)."""
+    if isinstance(store, LocalArtifactStore):
+        return []
+    cache = store.workspace("tenants").parent.parent / "cache" / "tenants"
+    if not cache.is_dir():
+        return []
+    entries = {
+        (kind, p.name): p
+        for t in cache.iterdir()
+        for kind in ("models", "datasets", "jobs")
+        for p in (t / kind).glob("*")
+        if p.is_dir()
+    }
+    if not entries:
+        return []
+    ids = {kind: [i for k, i in entries if k == kind] for kind in ("models", "datasets", "jobs")}
+    with session_scope(database_url) as session:
+        alive = {
+            "models": set(session.scalars(select(ModelRecord.id).where(ModelRecord.id.in_(ids["models"])))),
+            "datasets": set(session.scalars(select(Dataset.id).where(Dataset.id.in_(ids["datasets"])))),
+            "jobs": {
+                job_id
+                for job_id, (status, _) in _rows(session, ids["jobs"]).items()
+                if status in (JobStatus.QUEUED, JobStatus.RUNNING)
+            },
+        }
+    removed = []
+    for (kind, object_id), path in entries.items():
+        if object_id not in alive[kind]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"cache/{kind}/{object_id}")
+    return removed
+
+
 def expire_outputs(
     store: ArtifactStore, retention_days: float, database_url: str | None = None, now: datetime | None = None
 ) -> list[str]:
@@ -161,7 +198,11 @@ def housekeeping(
     report = HousekeepingReport()
     if retention_days is not None:
         report.expired_jobs = expire_outputs(store, retention_days, database_url)
-    report.removed = sweep_job_folders(store, database_url) + sweep_local_workspace(store, database_url)
+    report.removed = (
+        sweep_job_folders(store, database_url)
+        + sweep_local_workspace(store, database_url)
+        + sweep_local_cache(store, database_url)
+    )
     if report.removed or report.expired_jobs:
         log.info(
             "housekeeping: removed %d leftover folder(s), expired the outputs of %d job(s)",

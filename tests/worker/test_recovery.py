@@ -9,10 +9,11 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from store import lifecycle
-from store.artifacts import LocalArtifactStore, job_key
+from store.artifacts import LocalArtifactStore, job_key, open_artifact_store
 from store.db import session_scope
-from store.housekeeping import expire_outputs, sweep_job_folders
-from store.models import Artifact, Job, Result, utcnow
+from store.housekeeping import expire_outputs, sweep_job_folders, sweep_local_cache
+from store.models import Artifact, Dataset, Job, Result, utcnow
+from tests.store.s3_server import S3Server
 from tests.worker.conftest import load_job, make_job
 from worker.recovery import BrokerWatch
 
@@ -122,3 +123,44 @@ def test_broker_watch_fires_once_after_an_outage_or_a_restart() -> None:
     watch = BrokerWatch(probe)
 
     assert [watch.recovered() for _ in range(8)] == [False, False, False, False, True, False, True, False]
+
+
+def test_an_s3_workers_cache_drops_deleted_uploads_and_finished_jobs(
+    db_url: str, tenant_id: str, tmp_path: Path, s3: S3Server
+) -> None:
+    store = open_artifact_store(s3.url(), tmp_path / "work")
+    src = tmp_path / "f"
+    src.write_bytes(b"x")
+    with session_scope(db_url) as session:
+        kept = Dataset(
+            tenant_id=tenant_id,
+            name="d",
+            kind="npz",
+            num_classes=2,
+            input_shape=[4],
+            n_train=2,
+            n_test=2,
+            size_bytes=1,
+            sha256="0" * 64,
+            location=f"tenants/{tenant_id}/datasets/x/data.npz",
+        )
+        session.add(kept)
+        session.flush()
+        kept_id = kept.id
+    running = make_job(db_url, tenant_id, status="running", attempt=1)
+    finished = make_job(db_url, tenant_id, status="succeeded", attempt=1)
+    keys = {
+        "gone model": f"tenants/{tenant_id}/models/{'1' * 32}/weights.safetensors",
+        "dataset": f"tenants/{tenant_id}/datasets/{kept_id}/data.npz",
+        "running job": job_key(tenant_id, running, "a1/dense/model.json"),
+        "finished job": job_key(tenant_id, finished, "a1/dense/model.json"),
+    }
+    cached = {}
+    for what, key in keys.items():
+        store.put_file(key, src)
+        cached[what] = store.local_path(key)
+
+    removed = sweep_local_cache(store, db_url)
+
+    assert sorted(removed) == sorted([f"cache/models/{'1' * 32}", f"cache/jobs/{finished}"])
+    assert {what for what, path in cached.items() if path.exists()} == {"dataset", "running job"}
