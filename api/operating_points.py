@@ -42,6 +42,7 @@ from api.deps import (
 from api.errors import AppError
 from api.job_checks import check_job_size
 from api.jobs import job_read, resolve_references
+from api.quotas import check_submit
 from api.schemas import JobEventRead, JobRead
 from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig
 from store.artifacts import ArtifactStore
@@ -415,7 +416,7 @@ def create_derived_job(
     parent_id: str,
     body: SelectCreate,
     *,
-    max_attempts: int,
+    settings: Settings,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Insert the derived job of ``parent_id`` (not committed); (job, created)."""
@@ -435,11 +436,12 @@ def create_derived_job(
             "submit it again to choose other operating points",
         )
     stored = derived_config(parent, body)
+    check_submit(session, tenant.id, JobConfig.model_validate(stored), settings, idempotency_key)
     job, created = job_repo.create(
         session,
         tenant.id,
         stored,
-        max_attempts=max_attempts,
+        max_attempts=settings.max_attempts,
         name=stored.get("name"),
         idempotency_key=idempotency_key,
     )
@@ -488,7 +490,7 @@ def select_operating_point(
     dense model, reruns the rank search with ``compress`` on the same validation split, and
     writes a new report and artifacts. Nothing is trained (unless ``finetune`` asks for it)."""
     job, created = create_derived_job(
-        session, tenant, job_id, body, max_attempts=settings.max_attempts, idempotency_key=idempotency_key
+        session, tenant, job_id, body, settings=settings, idempotency_key=idempotency_key
     )
     if not created:
         response.status_code = 200

@@ -435,7 +435,7 @@ async def select_from_page(
             user.tenant,
             job_id,
             body,
-            max_attempts=settings.max_attempts,
+            settings=settings,
             idempotency_key=form.get("idempotency_key") or None,
         )
         if created:

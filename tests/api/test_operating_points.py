@@ -21,6 +21,7 @@ from api.operating_points import (
     job_events,
 )
 from store.models import Artifact, Job, JobEvent
+from store.settings import Settings
 from tests.api.conftest import Caller, RecordingDispatcher
 
 pytestmark = pytest.mark.postgres
@@ -413,3 +414,17 @@ def test_plan_refuses_a_model_past_the_operators_size_limit_before_building_it(
         resp.json()["detail"].startswith("model.options")
         and "LORITA_MAX_MODEL_PARAMETERS" in resp.json()["detail"]
     )
+
+
+def test_select_counts_against_the_active_job_quota(
+    make_client: Callable[[Settings], TestClient], settings: Settings, alice: Caller, session: Session
+) -> None:
+    client = make_client(settings.model_copy(update={"max_active_jobs": 1}))
+    parent_id = submit(client, alice)
+    succeed_with_dense(session, parent_id)
+    submit(client, alice)  # one queued job: the quota is full
+
+    resp = client.post(f"/v1/jobs/{parent_id}/select", headers=alice.headers, json=SELECT)
+
+    assert resp.status_code == 429 and "LORITA_MAX_ACTIVE_JOBS" in resp.json()["detail"]
+    assert session.query(Job).filter(Job.parent_id == parent_id).count() == 0
