@@ -88,16 +88,27 @@ class MethodConformance:
             await _send_plain(send, 405, headers, body)
             return
         if method == "HEAD":
-            await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
+            try:
+                await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
+            except* _HeadersSent:  # plain, or inside a streaming response's task group
+                pass
             return
         await self.app(scope, receive, send)
 
 
+class _HeadersSent(Exception):
+    """Raised into the GET route once a HEAD answer's headers are out: the route stops there
+    (a stream, e.g. server-sent events, would otherwise run until the job ends)."""
+
+
 def _headers_only(send: Send) -> Send:
     async def send_headers(message: Message) -> None:
-        if message["type"] == "http.response.body":
-            message = {**message, "body": b""}
-        await send(message)
+        if message["type"] == "http.response.start":
+            await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            raise _HeadersSent
+        if message["type"] != "http.response.body":
+            await send(message)
 
     return send_headers
 

@@ -3,8 +3,9 @@ error responses declared in the schema as they are sent, and schemathesis over e
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from fastapi import FastAPI
@@ -92,15 +93,16 @@ def _concrete(path: str) -> str:
     return re.sub(r"\{[^}]+\}", "x", path).replace("{", "").replace("}", "")
 
 
+@pytest.mark.timeout(60)
 def test_head_answers_like_get_without_a_body_on_every_get_route(client: TestClient, alice: Caller) -> None:
     job = client.post("/v1/jobs", headers=alice.headers, json=DIGITS_JOB).json()
     checked = 0
     for route in iter_route_contexts(client.app.routes):  # type: ignore[attr-defined]
         methods = getattr(route, "methods", None) or set()
-        if "GET" not in methods or "{name" in route.path or route.path.endswith("/stream"):
+        if "GET" not in methods or "{name" in route.path:
             continue
-        if route.path == "/v1/jobs/{job_id}":
-            continue  # its GET closes the test's shared session: checked once, below
+        if route.path in ("/v1/jobs/{job_id}", "/v1/jobs/{job_id}/stream"):
+            continue  # the first closes the test's session (checked below); the second never ends
         path = re.sub(r"\{[^}]+\}", job["id"], route.path)
         got = client.get(path, headers=alice.headers)
         head = client.head(path, headers=alice.headers)
@@ -112,6 +114,33 @@ def test_head_answers_like_get_without_a_body_on_every_get_route(client: TestCli
     head = client.head(f"/v1/jobs/{job['id']}", headers=alice.headers)
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["content-length"]) > 0  # the length GET would send
+
+
+@pytest.mark.timeout(30)
+def test_head_of_a_stream_that_never_ends_answers_with_its_headers() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from api.conformance import install
+
+    app = FastAPI()
+
+    async def forever() -> AsyncIterator[bytes]:
+        while True:
+            yield b"data: tick\n\n"
+            await asyncio.sleep(0.01)
+
+    @app.get("/events")
+    async def events() -> StreamingResponse:
+        return StreamingResponse(forever(), media_type="text/event-stream")
+
+    install(app)
+    client = TestClient(app)
+
+    head = client.head("/events")
+
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/event-stream")
 
 
 @pytest.mark.parametrize(
