@@ -242,6 +242,13 @@ def choose_ranks(
     policy = config.compress
     multiple, source = resolve_round_to(policy, device)
     if policy.policy == "latency_budget":
+        from core.program.job import is_program
+
+        if is_program(model):
+            raise search.SearchError(
+                "latency_budget is not available for uploaded programs yet (it times each layer alone); "
+                "use params_budget, flops_budget or accuracy_budget"
+            )
         with tempfile.TemporaryDirectory(prefix="lorita-latency-") as tmp:
             probe = make_probe(
                 model,
@@ -326,11 +333,16 @@ def deployment(
         small_file: Path | None = out / ONNX_FILE if (out / ONNX_FILE).is_file() else out / WEIGHTS_FILE
         if m.latency and runtime == "onnxruntime":
             example = data.test.tensors[0][:2].detach().cpu().float()
-            dense_file = Path(tmp) / "dense.onnx"
-            export_onnx(copy.deepcopy(dense).cpu().eval(), example, dense_file)
-            if not (out / ONNX_FILE).is_file():
-                small_file = Path(tmp) / "compressed.onnx"
-                export_onnx(copy.deepcopy(compressed).cpu().eval(), example, small_file)
+            try:
+                exported = Path(tmp) / "dense.onnx"
+                export_onnx(copy.deepcopy(dense).cpu().eval(), example, exported)
+                dense_file = exported
+                if not (out / ONNX_FILE).is_file():
+                    small_file = Path(tmp) / "compressed.onnx"
+                    export_onnx(copy.deepcopy(compressed).cpu().eval(), example, small_file)
+            except Exception:
+                # a model the ONNX exporter cannot take is timed as a module (its rows say torch)
+                runtime = "torch"
         variants = {
             "dense": Variant(dense_params, dense_flops, dense_file, dense_val, test_before, module=dense),
             "compressed": Variant(
