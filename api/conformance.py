@@ -31,16 +31,31 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What is wrong and how to fix it.")
 
 
+def _route_table(app: Any) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    """(path regex, methods) of every route, built once per app (again if routes are added)."""
+    routes = getattr(app, "routes", [])
+    state = getattr(app, "state", None)
+    cached = getattr(state, "route_methods", None) if state is not None else None
+    if cached is not None and cached[0] == len(routes):
+        return cached[1]
+    table = []
+    for route in iter_route_contexts(routes):
+        regex = getattr(route, "path_regex", None)
+        route_methods: Iterable[str] | None = getattr(route, "methods", None)
+        if regex is not None and route_methods is not None:
+            table.append((regex, frozenset(m.upper() for m in route_methods)))
+    if state is not None:
+        state.route_methods = (len(routes), table)
+    return table
+
+
 def allowed_methods(app: Any, path: str) -> set[str]:
     """Methods of every route of ``app`` matching ``path`` (HEAD with GET, OPTIONS always); empty
     when no route matches."""
     methods: set[str] = set()
-    for route in iter_route_contexts(getattr(app, "routes", [])):
-        regex = getattr(route, "path_regex", None)
-        route_methods: Iterable[str] | None = getattr(route, "methods", None)
-        if regex is None or route_methods is None or not regex.match(path):
-            continue
-        methods.update(m.upper() for m in route_methods)
+    for regex, route_methods in _route_table(app):
+        if regex.match(path):
+            methods.update(route_methods)
     if methods:
         methods.update(ALWAYS)
         if "GET" in methods:
@@ -68,32 +83,57 @@ class MethodConformance:
             await self.app(scope, receive, send)
             return
         method = scope["method"].upper()
+        if method not in ("HEAD", "OPTIONS"):
+            # the common case costs nothing: only a 405 on its way out is rewritten
+            await self.app(scope, receive, _full_allow_on_405(scope, send))
+            return
         methods = allowed_methods(scope.get("app"), scope["path"])
         if not methods:
             await self.app(scope, receive, send)  # no such path: the router's 404
             return
-        allow = _allow_header(methods)
         if method == "OPTIONS":
-            await _send_plain(send, 204, [(b"allow", allow), (b"content-length", b"0")], b"")
+            await _send_plain(send, 204, [(b"allow", _allow_header(methods)), (b"content-length", b"0")], b"")
             return
-        if method not in methods:
-            body = json.dumps(
-                {"detail": f"{method} is not allowed on {scope['path']}; allowed: {allow.decode()}"}
-            ).encode()
-            headers = [
-                (b"allow", allow),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            await _send_plain(send, 405, headers, body)
+        if "GET" not in methods:
+            await _send_405(send, scope, methods)
             return
-        if method == "HEAD":
-            try:
-                await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
-            except* _HeadersSent:  # plain, or inside a streaming response's task group
-                pass
-            return
-        await self.app(scope, receive, send)
+        try:
+            await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
+        except* _HeadersSent:  # plain, or inside a streaming response's task group
+            pass
+
+
+async def _send_405(send: Send, scope: Scope, methods: set[str]) -> None:
+    allow = _allow_header(methods)
+    body = json.dumps(
+        {"detail": f"{scope['method']} is not allowed on {scope['path']}; allowed: {allow.decode()}"}
+    ).encode()
+    headers = [
+        (b"allow", allow),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await _send_plain(send, 405, headers, body)
+
+
+def _full_allow_on_405(scope: Scope, send: Send) -> Send:
+    """Starlette's 405 lists the methods of the first route that matched the path only; this one
+    lists all the path's methods, with a message saying so."""
+    replaced = False
+
+    async def send_or_replace(message: Message) -> None:
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            methods = allowed_methods(scope.get("app"), scope["path"])
+            if methods:
+                replaced = True
+                await _send_405(send, scope, methods)
+                return
+        if replaced:
+            return  # the original 405's body
+        await send(message)
+
+    return send_or_replace
 
 
 class _HeadersSent(Exception):
