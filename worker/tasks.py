@@ -154,7 +154,9 @@ def limit_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _record_outcome(job_id: str, attempt: int, status: JobStatus, message: str | None = None) -> None:
+def _record_outcome(job_id: str, attempt: int, status: JobStatus, message: str | None = None) -> str:
+    """Record the end of our run; returns the outcome for the clean-up: ``status``, or ``stale``
+    when a newer attempt owns the job (its files must then be left alone)."""
     with session_scope() as session:
         if status == JobStatus.CANCELED:
             done = lifecycle.mark_canceled(session, job_id, attempt)
@@ -162,6 +164,7 @@ def _record_outcome(job_id: str, attempt: int, status: JobStatus, message: str |
             done = lifecycle.fail(session, job_id, attempt, message or "failed")
     if not done:
         log.warning("job %s attempt %d is stale; its %s outcome was not recorded", job_id, attempt, status)
+    return str(status) if done else "stale"
 
 
 def execute_job(job_id: str, worker: str | None = None) -> str:
@@ -229,15 +232,14 @@ def _run_attempt(
             log.warning("job %s attempt %d was superseded; stopped", job_id, attempt)
             outcome = "stale"
         elif hooks.timed_out:
-            _record_outcome(job_id, attempt, JobStatus.FAILED, hooks.wall_time_message())
+            outcome = _record_outcome(job_id, attempt, JobStatus.FAILED, hooks.wall_time_message())
             log.info("job %s failed: past the wall-time limit", job_id)
-            outcome, reason = "failed", "wall_time"
+            reason = "wall_time"
         else:
-            _record_outcome(job_id, attempt, JobStatus.CANCELED)
+            outcome = _record_outcome(job_id, attempt, JobStatus.CANCELED)
             log.info("job %s canceled", job_id)
-            outcome = "canceled"
     except (JobError, ConfigError, references.UnresolvedReference) as err:
-        _record_outcome(job_id, attempt, JobStatus.FAILED, user_message(err))
+        outcome = _record_outcome(job_id, attempt, JobStatus.FAILED, user_message(err))
         log.info("job %s failed: %s", job_id, err)
         reason = failure_reason(err)
     except ArtifactStoreUnavailable as err:
@@ -248,7 +250,7 @@ def _run_attempt(
         if files.out_of_space(err):
             files.remove_partials()
             log.error("job %s attempt %d: no space left on the artifact store", job_id, attempt)
-            _record_outcome(job_id, attempt, JobStatus.FAILED, NO_SPACE_MESSAGE)
+            outcome = _record_outcome(job_id, attempt, JobStatus.FAILED, NO_SPACE_MESSAGE)
             reason = "no_space"
         else:
             ref = new_reference()
@@ -259,7 +261,7 @@ def _run_attempt(
                 ref,
                 traceback.format_exc(),
             )
-            _record_outcome(job_id, attempt, JobStatus.FAILED, failure_message(err, ref))
+            outcome = _record_outcome(job_id, attempt, JobStatus.FAILED, failure_message(err, ref))
             reason = "internal"
     finally:
         hooks.end_stage()

@@ -156,3 +156,28 @@ def test_a_job_on_the_s3_store_uploads_its_outputs_and_keeps_nothing_locally(
             assert hashlib.sha256(f.read()).hexdigest() == sha256
     assert files_under(tmp_path / "work" / "jobs") == []
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_a_superseded_run_that_fails_leaves_the_newer_attempts_files_alone(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from store import references
+
+    tenant_id, job_id = submit(config())
+    job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
+
+    def taken_over_then_failing(*args: Any, **kwargs: Any) -> Any:
+        # meanwhile the lease expired and attempt 2 started on another worker, with its own files
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(attempt=2))
+        for name in ("a2/model.safetensors", "work/checkpoint.pt"):
+            (job_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (job_dir / name).write_bytes(b"attempt 2")
+        raise references.UnresolvedReference("model 'x' not found")
+
+    env.setattr(references, "resolve_for_run", taken_over_then_failing)
+
+    assert execute_job(job_id, "w1") == "stale"
+
+    assert job_row(job_id).status == "running"  # attempt 2's, untouched
+    assert files_under(job_dir) == ["a2/model.safetensors", "work/checkpoint.pt"]
