@@ -1,4 +1,5 @@
-"""``/v1/models``: uploaded weights for a named architecture, checked against it before storing."""
+"""``/v1/models``: uploaded weights for a named architecture, checked against it before storing,
+or (without ``arch``) a torch.export program validated as data (:mod:`api.programs`)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ def check_upload_against_arch(path: Any, model: Any) -> None:
         raise AppError(422, str(err)) from None
 
 
-@router.post("", status_code=201, response_model=ModelRead, summary="Upload weights for an architecture")
+@router.post(
+    "", status_code=201, response_model=ModelRead, summary="Upload weights for an architecture, or a program"
+)
 def upload_model(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -92,19 +95,39 @@ def upload_model(
     store: StoreDep,
     slots: ValidationSlotsDep,
     file: Annotated[
-        UploadFile, File(description="Weights: .safetensors, or a weights-only PyTorch state_dict.")
+        UploadFile,
+        File(
+            description="Weights: .safetensors, or a weights-only PyTorch state_dict. Without arch: a "
+            "torch.export program (.pt2, torch.export.save, dynamic batch dimension)."
+        ),
     ],
-    arch: Annotated[str, Form(description="Architecture, e.g. fcn, resnet20, torchvision:resnet18.")],
-    num_classes: Annotated[int, Form(ge=2, le=100_000)],
-    input_shape: Annotated[str, Form(description="Input shape without the batch, e.g. '3,32,32' or '64'.")],
+    arch: Annotated[
+        str | None,
+        Form(description="Architecture, e.g. fcn, resnet20, torchvision:resnet18; leave out for a program."),
+    ] = None,
+    num_classes: Annotated[int | None, Form(ge=2, le=100_000, description="With arch.")] = None,
+    input_shape: Annotated[
+        str | None, Form(description="With arch: input shape without the batch, e.g. '3,32,32' or '64'.")
+    ] = None,
     options: Annotated[str | None, Form(description="Architecture options as a JSON object.")] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> ModelRecord:
     """Stream the file to disk (capped at LORITA_MAX_UPLOAD_BYTES), check that its tensors fit the
     architecture key by key and shape by shape, then store it. Pickled code is never executed:
-    PyTorch files are read with ``torch.load(weights_only=True)``."""
+    PyTorch files are read with ``torch.load(weights_only=True)``.
+
+    Without ``arch`` the file is a torch.export program: validated as data (no pickle, allow-listed
+    ops, dynamic batch) and stored as a model of kind ``program``; its class count and input shape
+    come from the file. Name it in a job as ``{"model": {"program": "<id>"}}``."""
     from core.zoo import check_arch
 
+    if arch is None:
+        from api.programs import upload_program
+
+        form = {"num_classes": num_classes, "input_shape": input_shape, "options": options}
+        return upload_program(session, tenant.id, settings, store, slots, file, name, form)
+    if num_classes is None or input_shape is None:
+        raise AppError(422, "weights need num_classes and input_shape with arch (e.g. 10 and '3,32,32')")
     try:
         check_arch(arch)
     except ValueError as err:

@@ -18,7 +18,12 @@ class _Read(BaseModel):
 class ModelRead(_Read):
     id: str
     name: str
-    arch: str
+    kind: str = Field(
+        default="weights",
+        description="'weights' (an architecture's weights; use in model.weights) or 'program' (a "
+        "torch.export program; use in model.program).",
+    )
+    arch: str = Field(description="The architecture; 'program' for a program (its graph is in the file).")
     num_classes: int
     input_shape: list[int]
     options: dict[str, Any]

@@ -199,6 +199,21 @@ class LoritaClient:
                 self._call("POST", "/v1/models", f"uploading {path}", retry=False, data=data, files=files)
             )
 
+    def upload_program(self, path: Path) -> dict[str, Any]:
+        """A torch.export program (.pt2): a model of kind ``program`` (no arch, shape or classes)."""
+        with path.open("rb") as f:
+            files = {"file": (path.name, f, "application/octet-stream")}
+            return dict(
+                self._call(
+                    "POST",
+                    "/v1/models",
+                    f"uploading {path}",
+                    retry=False,
+                    data={"name": path.name},
+                    files=files,
+                )
+            )
+
     def upload_dataset(self, path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             files = {"file": (path.name, f, "application/octet-stream")}

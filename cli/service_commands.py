@@ -222,7 +222,7 @@ def _local_path(value: str, base: Path, from_flag: bool) -> Path:
 def prepare_config(
     client: LoritaClient, config: dict[str, Any], base: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Upload the local dataset / weights the config (or the flags) name; put their ids in.
+    """Upload the local dataset / weights / program the config (or the flags) name; put their ids in.
 
     Paths in the config are relative to the config file. The weights' input shape and class
     count come from the flags, else the config, else the uploaded .npz dataset.
@@ -244,6 +244,12 @@ def prepare_config(
         for key in ("path", "name"):
             dataset.pop(key, None)
         dataset["id"] = dataset_id
+    program = model.get("program")
+    if program:
+        path = _local_path(program, base, False)
+        if path.is_file():  # otherwise the id of a program uploaded before
+            model["program"] = str(client.upload_program(path)["id"])
+            print(f"uploaded program {path} as model {model['program']}", file=sys.stderr)
     weights = args.weights or model.get("weights")
     if weights:
         path = _local_path(weights, base, bool(args.weights))

@@ -31,6 +31,9 @@ from store.settings import Settings
 
 TORCHVISION_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 UPLOAD_MODEL_HINT = "upload weights with POST /v1/models and put the returned id in model.weights"
+UPLOAD_PROGRAM_HINT = (
+    "upload a torch.export .pt2 with POST /v1/models (without arch) and put the returned id in model.program"
+)
 UPLOAD_DATA_HINT = 'upload data with POST /v1/datasets and reference it as {"id": "<dataset id>"}'
 
 
@@ -42,13 +45,37 @@ class ReferenceNotFound(UnresolvedReference):
     """A referenced upload that is not one of the tenant's (404 over HTTP)."""
 
 
-def _model(session: Session, tenant_id: str, model_id: str) -> ModelRecord:
+def _model(session: Session, tenant_id: str, model_id: str, field: str = "model.weights") -> ModelRecord:
     record = model_repo.get_for_tenant(session, tenant_id, model_id)
     if record is None:
-        raise ReferenceNotFound(
-            f"model.weights {model_id!r} is not one of your uploaded models; {UPLOAD_MODEL_HINT}"
+        hint = UPLOAD_PROGRAM_HINT if field == "model.program" else UPLOAD_MODEL_HINT
+        raise ReferenceNotFound(f"{field} {model_id!r} is not one of your uploaded models; {hint}")
+    if (record.kind == "program") != (field == "model.program"):
+        raise UnresolvedReference(
+            f"model {record.id} is a torch.export program: name it as model.program (without model.arch)"
+            if record.kind == "program"
+            else f"model {record.id} holds weights for {record.arch!r}: name it as model.weights with model.arch"
         )
     return record
+
+
+def _check_program(session: Session, tenant_id: str, config: JobConfig, dataset: Dataset | None) -> JobConfig:
+    """``model.program``: one of the tenant's program uploads, fitting the config and the dataset;
+    ``model.num_classes`` is the program's."""
+    m = config.model
+    assert m.program is not None
+    record = _model(session, tenant_id, m.program, "model.program")
+    if m.num_classes is not None and m.num_classes != record.num_classes:
+        raise UnresolvedReference(
+            f"model.num_classes is {m.num_classes} but program {record.id} returns {record.num_classes} "
+            "logits; remove model.num_classes (the program fixes it)"
+        )
+    if dataset is not None and list(dataset.input_shape) != list(record.input_shape):
+        raise UnresolvedReference(
+            f"program {record.id} takes inputs of shape {list(record.input_shape)} but dataset "
+            f"{dataset.id} has inputs of shape {list(dataset.input_shape)}"
+        )
+    return config.model_copy(update={"model": m.model_copy(update={"num_classes": record.num_classes})})
 
 
 def _dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -88,6 +115,8 @@ def check_for_submit(session: Session, tenant_id: str, config: JobConfig) -> Job
                 "dataset.image_size only applies to ImageFolder uploads, not to .npz files"
             )
 
+    if config.model.program is not None:
+        config = _check_program(session, tenant_id, config, dataset)
     m = config.model
     if m.weights is not None:
         record = _model(session, tenant_id, m.weights)
@@ -142,4 +171,7 @@ def resolve_for_run(
     if m.weights is not None:
         record_m = _model(session, tenant_id, m.weights)
         m = m.model_copy(update={"weights": str(local_file(record_m.location))})
+    if m.program is not None:  # the worker loads it in a child process, after validating it again
+        record_p = _model(session, tenant_id, m.program, "model.program")
+        m = m.model_copy(update={"program": str(local_file(record_p.location))})
     return config.model_copy(update={"model": m, "dataset": ds})

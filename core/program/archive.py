@@ -254,6 +254,21 @@ class ProgramArchive:
     def program_bytes(self) -> bytes:
         return json.dumps(self.program).encode()
 
+    @property
+    def parameter_count(self) -> int:
+        """Elements of the stored parameters (each stored tensor counted once)."""
+        seen: set[tuple[str, int, tuple[int, ...]]] = set()
+        total = 0
+        for e in self.weights.values():
+            key = (e.member, e.storage_offset, e.sizes)
+            if e.is_param and key not in seen:
+                seen.add(key)
+                n = 1
+                for d in e.sizes:
+                    n *= d
+                total += n
+        return total
+
 
 # ---------------------------------------------------------------------------------------
 # the zip layer

@@ -143,7 +143,8 @@ def test_uploaded_model_fills_num_classes_and_must_match_its_arch(
 
     assert ok.status_code == 202, ok.text
     assert ok.json()["config"]["model"] == {
-        "arch": "fcn", "num_classes": 10, "weights": record.id, "options": {"depth": 2, "width": 16}
+        "arch": "fcn", "num_classes": 10, "weights": record.id, "options": {"depth": 2, "width": 16},
+        "program": None, "from_scratch": False,
     }  # fmt: skip
     assert wrong_arch.status_code == 422 and "'fcn'" in wrong_arch.json()["detail"]
 
