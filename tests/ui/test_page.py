@@ -278,6 +278,10 @@ def test_job_page_shows_results_pareto_chart_and_downloads_with_checksums(
     assert len(ranks) == len(report["ranks"])
     assert driver.find_element(By.CSS_SELECTOR, "img.plot").get_attribute("naturalWidth") != "0"
     shot(driver, shots, "07-job-results")
+    driver.set_window_size(390, 844)  # a phone: nothing wider than the screen
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= 390
+    shot(driver, shots, "07b-job-results-phone")
+    driver.set_window_size(1280, 1000)
 
     # a download from the files table; its bytes match the listed sha256
     row = driver.find_element(By.CSS_SELECTOR, "#artifacts tr[data-name='model.safetensors']")
