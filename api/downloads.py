@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from api.errors import AppError
-from store.artifacts import ArtifactStore, ArtifactStoreFull, ArtifactStoreUnavailable
+from store.artifacts import ArtifactStore, ArtifactStoreFull, ArtifactStoreUnavailable, is_no_space
 
 log = logging.getLogger("lorita.api")
 
@@ -118,6 +118,19 @@ async def _store_full(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _os_error(request: Request, exc: Exception) -> Response:
+    """A full disk while a request writes (an upload's scratch copy) is 507 like a full store;
+    any other OSError goes to the app's generic handler."""
+    if is_no_space(exc):
+        return await _store_full(request, exc)
+    fallback = request.app.exception_handlers.get(Exception)
+    if fallback is None:
+        raise exc
+    response: Response = await fallback(request, exc)
+    return response
+
+
 def install_store_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ArtifactStoreUnavailable, _store_unavailable)
     app.add_exception_handler(ArtifactStoreFull, _store_full)
+    app.add_exception_handler(OSError, _os_error)

@@ -4,12 +4,14 @@ per-tenant quotas (active jobs: 429 + Retry-After; stored bytes: 413 / 409) and 
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from sqlalchemy import func, select
@@ -208,3 +210,29 @@ def test_a_job_past_the_work_limit_is_422_naming_what_to_shrink(
     detail = big.json()["detail"]
     assert detail.startswith("train.epochs:") and "LORITA_MAX_JOB_WORK" in detail and "1797 samples" in detail
     assert small.status_code == 202
+
+
+def test_a_full_disk_during_an_upload_is_507_and_leaves_no_partial_file(
+    make_client: Callable[[Settings], TestClient], settings: Settings, alice: Caller, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("needs a size-limited filesystem: mounting a tmpfs is not permitted here")
+    try:
+        client = make_client(settings.model_copy(update={"artifact_dir": str(small)}))
+        path = tmp_path / "big.safetensors"
+        save_file({"w": torch.zeros(1024, 1024)}, str(path))  # 4 MiB
+        with path.open("rb") as f:
+            resp = client.post(
+                "/v1/models", headers=alice.headers, data=FCN_FORM, files={"file": (path.name, f)}
+            )
+
+        assert resp.status_code == 507, resp.text
+        assert "no space left on the artifact store" in resp.json()["detail"]
+        assert [p for p in small.rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
