@@ -74,3 +74,42 @@ def test_speed_summary_rows(trained: tuple[DataBundle, nn.Module, Path], tmp_pat
     assert as_torch["rows"]["dense"]["runtime"] == "torch"
     off = speed_summary(variants, data.input_shape, [2], latency=False)
     assert off["rows"]["dense"]["latency_ms"] == {}
+
+
+def test_round_to_defaults_per_device_and_config() -> None:
+    from core.config import AccuracyBudgetPolicy, LatencyBudgetPolicy
+    from core.deploy import resolve_round_to
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    latency = LatencyBudgetPolicy(policy="latency_budget", budget=0.5)
+    assert resolve_round_to(latency, cpu)[0] == 8
+    assert resolve_round_to(latency, cuda)[0] == 8  # onnxruntime runs on the CPU whatever the job device
+    on_torch = LatencyBudgetPolicy(policy="latency_budget", budget=0.5, runtime="torch")
+    multiple, source = resolve_round_to(on_torch, cuda)
+    assert multiple == 16 and "cuda" in source and "tensor cores" in source
+    accuracy = AccuracyBudgetPolicy(policy="accuracy_budget", max_drop=0.01)
+    assert resolve_round_to(accuracy, cuda) == (1, "none (compress.round_to not set)")
+    explicit = AccuracyBudgetPolicy(policy="accuracy_budget", max_drop=0.01, round_to=32)
+    assert resolve_round_to(explicit, cpu) == (32, "compress.round_to")
+
+
+def test_choose_ranks_rounds_any_policy() -> None:
+    from core import svt
+    from core.config import parse_config
+    from core.deploy import choose_ranks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    spectra = svt.compute_spectra(model, (64,))
+    config = parse_config(
+        {
+            "model": {"arch": "fcn"},
+            "dataset": {"name": "digits"},
+            "compress": {"policy": "uniform", "keep": 0.3, "round_to": 16},
+        }
+    )
+    choice = choose_ranks(config, model, spectra, (64,), lambda r: 0.5, 0, 0, torch.device("cpu"))
+    assert choice.result.ranks == {"0": 32, "2": 32}
+    assert choice.rounding is not None and choice.rounding["round_to"] == 16
+    assert choice.rounding["changed"]["0"] == {"rank": 20, "rounded": 32, "how": "up", "multiple": 16}
+    assert choice.latency is None
