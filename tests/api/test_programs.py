@@ -223,3 +223,21 @@ def test_program_job_end_to_end_through_the_api_and_a_worker(
     assert {"model.pt2", "model.safetensors", "report.json"} <= names
     pt2 = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt2", headers=caller.headers)
     assert pt2.status_code == 200 and pt2.content[:2] == b"PK"
+
+
+def test_lorita_submit_uploads_a_local_program(service: tuple[TestClient, Caller], program: Path) -> None:
+    """``lorita submit``'s config preparation uploads the .pt2 a config names and puts in its id."""
+    import argparse
+
+    from cli.client import LoritaClient
+    from cli.service_commands import prepare_config
+
+    client, caller = service
+    lorita = LoritaClient("http://testserver", caller.key, transport=client._transport)
+    args = argparse.Namespace(arch=None, dataset=None, weights=None, num_classes=None, input_shape=None)
+    config = {"model": {"program": program.name}, "dataset": {"name": "digits"}}
+    prepared = prepare_config(lorita, config, program.parent, args)
+    program_id = prepared["model"]["program"]
+    assert program_id != program.name
+    listed = client.get(f"/v1/models/{program_id}", headers=caller.headers).json()
+    assert (listed["kind"], listed["filename"]) == ("program", program.name)
