@@ -264,6 +264,8 @@ def export_for_job(
     from core.progress import JobError
 
     formats = [f for f in config.export if f in ("safetensors", "pt2", "onnx")]
+    if "onnx_int8" in config.export and "onnx" not in formats:
+        formats.append("onnx")  # core.deploy quantizes model.onnx afterwards
     try:
         return export_program_job(
             compressed, dense, svt.rank_table(spectra, ranks), out, formats, example, dense_dir
