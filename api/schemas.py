@@ -83,6 +83,9 @@ class ResultSummary(_Read):
 class JobRead(_Read):
     id: str
     name: str | None
+    parent_id: str | None = Field(
+        default=None, description="Set on a derived job (POST /v1/jobs/{id}/select): the job it starts from."
+    )
     status: JobStatus
     stage: Stage | None = Field(description="The pipeline stage the job is in (or ended in).")
     progress: float = Field(description="Whole-job progress, 0..1.")

@@ -275,7 +275,7 @@ def test_select_creates_a_derived_job_from_a_succeeded_parent(
     assert resp.status_code == 202, resp.text
     body = resp.json()
     job = session.get(Job, body["id"])
-    assert job is not None and job.parent_id == parent_id and job.status == "queued"
+    assert job is not None and job.parent_id == parent_id == body["parent_id"] and job.status == "queued"
     assert (job.config["compress"]["policy"], job.config["compress"]["budget"]) == ("params_budget", 0.4)
     assert job.config["finetune"]["epochs"] == 0  # no fine-tuning unless asked
     assert job.config["train"] == session.get(Job, parent_id).config["train"]  # type: ignore[union-attr]
