@@ -58,6 +58,16 @@ def data_shape(session: Session, tenant_id: str, config: JobConfig) -> DataShape
         shape: tuple[int, ...] = tuple(record.input_shape)
         if record.kind == "imagefolder" and ds.image_size is not None:
             shape = (3, ds.image_size, ds.image_size)
+        from core.data import MIN_TRAIN_SAMPLES  # core.data imports torch: not at the API's start
+
+        if record.kind == "npz" and (record.n_train < MIN_TRAIN_SAMPLES or math.prod(shape) == 0):
+            # uploads are refused like this since issue 11; a record from before can still exist
+            raise AppError(
+                422,
+                f"dataset.id: dataset {record.id} has {record.n_train} training samples of shape "
+                f"{list(shape)}; a job needs at least {MIN_TRAIN_SAMPLES} samples of at least one "
+                "value: upload a larger .npz",
+            )
         where = "dataset.image_size" if record.kind == "imagefolder" else "dataset"
         return DataShape(shape, record.n_train + record.n_test, record.num_classes, where)
     return None

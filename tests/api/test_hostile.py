@@ -531,3 +531,29 @@ def test_uploads_past_the_concurrent_validation_slots_get_503_with_retry_after(
     assert int(busy.headers["Retry-After"]) > 0
     assert rows(session, Dataset) == 0
     assert post_dataset(client, alice, "a.npz", data).status_code == 201
+
+
+def test_an_npz_recorded_before_the_upload_checks_is_refused_at_submit(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    record = Dataset(
+        tenant_id=alice.tenant.id,
+        name="old.npz",
+        kind="npz",
+        num_classes=2,
+        input_shape=[8],
+        n_train=2,
+        n_test=1,
+        size_bytes=100,
+        sha256="0" * 64,
+        location="tenants/x/datasets/y/data.npz",
+    )
+    session.add(record)
+    session.flush()
+    config = _with("dataset", {"id": record.id})
+
+    resp = client.post("/v1/jobs", headers=alice.headers, json=config)
+
+    assert resp.status_code == 422, resp.text
+    assert "dataset.id" in detail(resp) and "2 training samples" in detail(resp)
+    assert rows(session, Job) == 0
