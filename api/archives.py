@@ -1,9 +1,12 @@
 """Safe extraction of ImageFolder archives (.zip, .tar, .tar.gz) and a check of their layout.
 
 Nothing is trusted: every member name is checked (no absolute paths, no ``..``, no backslashes),
-only regular files and directories are accepted (no symlinks, hard links or devices), and the
-number of files and bytes are capped twice: by the sizes the archive declares, and by the bytes
-actually written while extracting (a lying header or a zip bomb stops at the cap).
+only regular files and directories are accepted (no symlinks, hard links or devices). Before one
+byte is written the entries are counted and each image's declared size is checked (a zip's central
+directory; a tar is read once for its headers, and must end with its end-of-archive blocks). While
+extracting, the bytes written are held to the declared sizes and the total cap (a lying header or a
+zip bomb stops there), and each image's header is read as it lands (pixel cap, checksums). Files
+that are not images (README, labels.csv) are not kept.
 """
 
 from __future__ import annotations
