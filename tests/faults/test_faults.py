@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.conftest import Rig
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]  # e2e: `-m "not e2e"` skips them too
 
 DONE = ("succeeded", "failed", "canceled")
 
