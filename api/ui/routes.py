@@ -138,6 +138,34 @@ def render(
     return response
 
 
+_TITLES = {
+    401: "Not signed in",
+    403: "Refused",
+    404: "Not found",
+    409: "Not possible now",
+    429: "Too many jobs",
+}
+
+
+def error_page(
+    request: Request, user: SignedIn | None, err: AppError, back: str = "/ui/jobs"
+) -> HTMLResponse:
+    """A form post's refusal as a page (the API's JSON would show as raw text in a browser)."""
+    title = _TITLES.get(err.status_code, "Could not do that")
+    response = render(
+        request,
+        "message.html",
+        user,
+        status_code=err.status_code,
+        title=title,
+        message=err.message,
+        back=back,
+    )
+    for name, value in (err.headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
 # ---------------------------------------------------------------------------------------
 # sign in / out
 
@@ -163,11 +191,12 @@ def login_page(request: Request, next: str | None = None) -> HTMLResponse:
 @router.post("/ui/login")
 async def login(request: Request, settings: SettingsDep, session: SessionDep) -> Response:
     if not same_origin(request):
-        raise AppError(403, "cross-site request refused")
+        return error_page(request, None, AppError(403, "cross-site request refused"), back="/ui/login")
     form = await request.form()
     token = request.cookies.get(LOGIN_COOKIE) or ""
     if not tokens_match(str(form.get(CSRF_FIELD) or ""), token):
-        raise AppError(403, "the sign-in form expired: reload the page and try again")
+        expired = AppError(403, "the sign-in form expired: reload the page and try again")
+        return error_page(request, None, expired, back="/ui/login")
     key = str(form.get("api_key") or "").strip()
     target = safe_next(str(form.get("next") or ""))
     user = None
@@ -251,6 +280,15 @@ async def cancel_from_page(
     job_id: str, request: Request, settings: SettingsDep, session: SessionDep
 ) -> Response:
     user = await signed_in(request, settings, session)
+    try:
+        return await _cancel_from_page(job_id, request, session, user)
+    except AppError as err:
+        return error_page(request, user, err)
+
+
+async def _cancel_from_page(
+    job_id: str, request: Request, session: Session, user: SignedIn | None
+) -> Response:
     if user is None:
         raise AppError(401, "not signed in: sign in at /ui/login")
     await check_form(request, user)
@@ -411,6 +449,15 @@ async def select_from_page(
 ) -> Response:
     """ "Use this point": a derived job with a budget at the point's size, then its page."""
     user = await signed_in(request, settings, session)
+    try:
+        return await _select_from_page(job_id, request, settings, session, dispatcher, user)
+    except AppError as err:
+        return error_page(request, user, err, back=f"/ui/jobs/{job_id}")
+
+
+async def _select_from_page(
+    job_id: str, request: Request, settings: Any, session: Session, dispatcher: Any, user: SignedIn | None
+) -> Response:
     if user is None:
         raise AppError(401, "not signed in: sign in at /ui/login")
     form = await check_form(request, user)

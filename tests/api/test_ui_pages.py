@@ -99,6 +99,8 @@ def test_a_form_post_needs_the_sessions_csrf_token_and_this_origin(
         url, data={"csrf": csrf_token(alice.key)}, headers={"Origin": "null"}, follow_redirects=False
     )
     assert (no_token.status_code, wrong_token.status_code, other_origin.status_code) == (403, 403, 403)
+    assert no_token.headers["content-type"].startswith("text/html") and "CSRF token" in no_token.text
+    assert "cross-site request refused" in other_origin.text
     assert session.get(Job, job_id, populate_existing=True).status == "queued"  # type: ignore[union-attr]
 
     ok = client.post(

@@ -391,8 +391,8 @@ def test_another_tenant_cannot_see_or_open_the_job_and_forged_requests_are_refus
         api_no_token = raw.post("/ui/api/plan", json={}, cookies=cookies)
         api_no_cookie = raw.get("/ui/api/jobs")
     assert no_cookie.status_code == 401
-    assert no_token.status_code == 403 and "CSRF" in no_token.json()["detail"]
-    assert other_origin.status_code == 403 and "cross-site" in other_origin.json()["detail"]
+    assert no_token.status_code == 403 and "CSRF" in no_token.text
+    assert other_origin.status_code == 403 and "cross-site request refused" in other_origin.text
     assert api_no_token.status_code == 403 and api_no_cookie.status_code == 401
     with api(service, service.key_a) as client:
         after = client.get("/v1/jobs", params={"limit": 100}).json()["count"]
