@@ -33,6 +33,7 @@ import keyword
 import pickletools
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -698,7 +699,7 @@ def _io(program: dict[str, Any], display: str) -> tuple[tuple[int, ...], int]:
 
 def _check_signature_names(program: dict[str, Any], display: str) -> None:
     sig = program["graph_module"]["signature"]
-    for spec in sig.get("input_specs") or []:
+    for spec in [*(sig.get("input_specs") or []), *(sig.get("output_specs") or [])]:
         ((_kind, body),) = spec.items()
         for key in ("parameter_name", "buffer_name", "tensor_constant_name"):
             value = body.get(key)
@@ -769,9 +770,26 @@ def validate_archive(path: str | Path, display_name: str | None = None) -> Progr
     """Check ``path`` as described in the module docstring; return what the loader needs.
 
     ``display_name`` is how messages name the file (the user's file name, never a server path).
+    Raises only :class:`ProgramError`, whatever the file holds.
     """
     p = Path(path)
     display = display_name or p.name
+    try:
+        return _validate(p, display)
+    except ProgramError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, OverflowError):
+        raise _fail(
+            display,
+            "the program's description in the archive is malformed; save it again with torch.export.save",
+        ) from None
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, RuntimeError):
+        raise _fail(
+            display, "the archive is corrupt or truncated; save it again and upload the whole file"
+        ) from None
+
+
+def _validate(p: Path, display: str) -> ProgramArchive:
     try:
         file_size = p.stat().st_size
     except OSError:

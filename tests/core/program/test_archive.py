@@ -291,3 +291,40 @@ def test_a_crash_or_hang_in_the_child_fails_with_a_message(good: Path, target: s
     with pytest.raises(ProgramError, match=expected) as err:
         check_in_child(good, "net.pt2", timeout_s=3, target=getattr(children, target))
     assert str(err.value).startswith("net.pt2: ")
+
+
+def _mutations(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Paths to every value in a JSON tree."""
+    out: list[tuple[object, ...]] = [path]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _mutations(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _mutations(v, (*path, i))
+    return out
+
+
+def test_malformed_program_json_is_a_program_error(good: Path, tmp_path: Path) -> None:
+    """Any value of models/model.json swapped for a value of another type: a ProgramError, never
+    another exception (which the API would turn into a 500)."""
+    import random
+
+    with zipfile.ZipFile(good) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("models/model.json"))
+        program = json.loads(zf.read(name))
+    paths = _mutations(program)[1:]
+    rng = random.Random(0)
+    for i in range(60):
+        where = rng.choice(paths)
+        replacement = rng.choice([None, 7, "x", [], {}, {"a": 1}, [1, 2], -1.5, True])
+
+        def edit(p: dict, where: tuple[object, ...] = where, value: object = replacement) -> None:
+            node: object = p
+            for key in where[:-1]:
+                node = node[key]  # type: ignore[index]
+            node[where[-1]] = value  # type: ignore[index]
+
+        mutated = _rewrite(good, tmp_path / f"m{i}.pt2", _graph_edit(edit))
+        with contextlib.suppress(ProgramError):  # accepted, or refused as a ProgramError
+            validate_archive(mutated, "m.pt2")
