@@ -162,3 +162,11 @@ def test_paper_init_training_resumes_identically_from_a_checkpoint(
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_the_default_is_the_paper_init() -> None:
+    assert TrainConfig().init == "paper"
+    config = parse_config({"model": {"arch": "fcn"}, "dataset": {"name": "digits"}})
+    assert config.train is not None and config.train.init == "paper"
+    again = parse_config(config.model_dump(mode="json"))  # what select and the worker re-read
+    assert again.train is not None and again.train.init == "paper"
