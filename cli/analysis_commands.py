@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--max-rel-drop", type=float, help="accuracy budget: relative drop in val accuracy")
     budget.add_argument("--params", type=float, help="parameter budget: fraction of the dense model")
     budget.add_argument("--flops", type=float, help="FLOPs budget: fraction of the dense model")
+    budget.add_argument(
+        "--point",
+        type=int,
+        metavar="N",
+        help="exactly the job's Pareto point N (its index in the report's pareto list): its ranks, "
+        "one evaluation, the same figures",
+    )
     p.add_argument("--max-evals", type=int, default=20, help="most validation evaluations (default 20)")
     p.add_argument("--no-refine", action="store_true", help="accuracy budget: bisection only")
     p.add_argument("--finetune", action="store_true", help="fine-tune as the job's config says")
@@ -61,8 +68,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 # select
 
 
+def point_policy(pareto: list[Any], index: int) -> dict[str, Any]:
+    """The ``ranks`` policy of a report's Pareto point ``index`` (a dict or a SearchPoint)."""
+    from core.config import ConfigError
+
+    if not 0 <= index < len(pareto):
+        raise ConfigError(f"--point {index}: the job has Pareto points 0..{len(pareto) - 1}")
+    point = pareto[index]
+    ranks = point["ranks"] if isinstance(point, dict) else point.ranks
+    return {"policy": "ranks", "ranks": dict(ranks)}
+
+
 def policy_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """The compress policy the flags ask for and a short tag for the default directory."""
+    """The compress policy the flags ask for and a short tag for the default directory.
+
+    ``--point`` gives a placeholder ``ranks`` policy: the point's ranks come from the job's report.
+    """
+    if getattr(args, "point", None) is not None:
+        return {"policy": "ranks", "ranks": {}}, f"point-{args.point}"
     if args.max_drop is not None or args.max_rel_drop is not None:
         key = "max_drop" if args.max_drop is not None else "max_rel_drop"
         value = getattr(args, key)
@@ -89,7 +112,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         return select_on_service(args, policy)
     out = args.out or args.job_dir / f"select-{tag}"
     try:
-        from core.pipeline import select, select_config
+        from core.pipeline import read_job_report, select, select_config
+
+        if args.point is not None:
+            policy = point_policy(read_job_report(args.job_dir).pareto, args.point)
 
         select_config(args.job_dir, policy, finetune=args.finetune, device=args.device)  # errors first
         with progress_bar(disable=args.quiet) as on_progress:
@@ -119,6 +145,7 @@ def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
 
     from cli.client import ClientError, LoritaClient
     from cli.service_commands import follow_job
+    from core.config import ConfigError
     from store.settings import SettingsError, load_settings
     from store.status import JobStatus
 
@@ -134,6 +161,8 @@ def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
     body = {"compress": policy, "finetune": bool(args.finetune)}
     try:
         with LoritaClient(args.url or settings.url, key) as client:
+            if getattr(args, "point", None) is not None:
+                body["compress"] = point_policy(client.report(args.job).get("pareto") or [], args.point)
             job = client.select(args.job, body, idempotency_key=f"lorita-select-{uuid.uuid4().hex}")
             job_id = job["id"]
             print(f"job {job_id} {job['status']} (another operating point of {args.job})", file=sys.stderr)
@@ -145,6 +174,8 @@ def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
             report = client.report(job_id)
     except ClientError as err:
         return fail(str(err), 1)
+    except ConfigError as err:
+        return fail(str(err))
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
     print(format_report_table(report))

@@ -288,6 +288,31 @@ class LatencyBudgetPolicy(_Policy):
     max_evals: int = Field(default=20, ge=2, le=200, description="Validation evaluations at most.")
 
 
+MAX_RANK_ENTRIES = 10_000  # layers named in a ranks policy
+
+
+class RanksPolicy(_Policy):
+    """Explicit ranks, e.g. one point of a job's Pareto curve (its ``ranks``): one evaluation."""
+
+    policy: Literal["ranks"]
+    ranks: dict[Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(strict=True)]] = (
+        Field(
+            max_length=MAX_RANK_ENTRIES,
+            description="Kept rank per layer, by module name (a report's ranks or a Pareto point's); "
+            "layers not named stay dense. Each rank is 1..the layer's full rank, checked against the "
+            "model when the job compresses.",
+        )
+    )
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive(cls, ranks: dict[str, int]) -> dict[str, int]:
+        bad = [f"{name!r} ({rank})" for name, rank in ranks.items() if rank < 1]
+        if bad:
+            raise ValueError(f"a kept rank is at least 1; fix layer(s) {', '.join(bad[:5])}")
+        return ranks
+
+
 CompressConfig = Annotated[
     NonePolicy
     | UniformPolicy
@@ -296,7 +321,8 @@ CompressConfig = Annotated[
     | ParamsBudgetPolicy
     | FlopsBudgetPolicy
     | AccuracyBudgetPolicy
-    | LatencyBudgetPolicy,
+    | LatencyBudgetPolicy
+    | RanksPolicy,
     Field(discriminator="policy"),
 ]
 POLICIES = (
@@ -308,6 +334,7 @@ POLICIES = (
     "flops_budget",
     "accuracy_budget",
     "latency_budget",
+    "ranks",
 )
 
 

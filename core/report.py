@@ -127,8 +127,8 @@ class SearchPoint(_Part):
 
     stage: str = Field(
         description="reference (dense) | bisection | refine | start | variant | probe | none | uniform | "
-        "global | energy: the step of the policy that proposed it (probe: one layer truncated alone to "
-        "measure its sensitivity, compress.allocation 'sensitivity')."
+        "global | energy | ranks: the step of the policy that proposed it (probe: one layer truncated alone "
+        "to measure its sensitivity, compress.allocation 'sensitivity'; ranks: the ranks policy's one point)."
     )
     params: int
     flops: int

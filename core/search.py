@@ -54,6 +54,7 @@ from core.config import (
     LatencyBudgetPolicy,
     NonePolicy,
     ParamsBudgetPolicy,
+    RanksPolicy,
     UniformPolicy,
 )
 from core.svt import Ranks, Scores, Spectrum
@@ -511,6 +512,29 @@ def _fixed(
     return s.finish(ranks)
 
 
+def explicit_ranks(spectra: Mapping[str, Spectrum], given: Mapping[str, int]) -> Ranks:
+    """The ranks a ``ranks`` policy names, every other layer at its full rank.
+
+    Raises :class:`SearchError` naming each unknown layer (with the valid names) and each rank
+    outside 1..full rank (with the layer's range).
+    """
+    unknown = [name for name in given if name not in spectra]
+    if unknown:
+        valid = ", ".join(list(spectra)[:20]) + (", ..." if len(spectra) > 20 else "")
+        raise SearchError(
+            f"ranks: no truncatable layer named {', '.join(repr(n) for n in unknown[:5])}; "
+            f"the model's layers are {valid or 'none'}"
+        )
+    bad = [
+        f"{name!r} is {rank}, valid 1..{spectra[name].full_rank}"
+        for name, rank in given.items()
+        if not 1 <= rank <= spectra[name].full_rank
+    ]
+    if bad:
+        raise SearchError(f"ranks: out of range: {'; '.join(bad[:5])}")
+    return {k: int(given.get(k, sp.full_rank)) for k, sp in spectra.items()}
+
+
 def choose(
     policy: CompressConfig,
     spectra: Mapping[str, Spectrum],
@@ -557,6 +581,8 @@ def choose(
             label = Label("global", threshold=threshold)
         case EnergyPolicy():
             ranks, label = svt.ranks_energy(spectra, policy.energy), Label("energy", step=0)
+        case RanksPolicy():
+            ranks, label = explicit_ranks(spectra, policy.ranks), Label("ranks")
         case LatencyBudgetPolicy():
             # it measures the model on its runtime: core.latency_search, called by core.stages.compress
             raise SearchError(
