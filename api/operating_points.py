@@ -44,7 +44,7 @@ from api.job_checks import check_job_size
 from api.jobs import job_read, resolve_references
 from api.quotas import check_submit
 from api.schemas import JobEventRead, JobRead
-from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig
+from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig, RanksPolicy
 from store.artifacts import ArtifactStore
 from store.db import get_sessionmaker
 from store.models import Job
@@ -404,10 +404,35 @@ def derived_config(parent: Job, body: SelectCreate) -> dict[str, Any]:
 
 def policy_label(policy: Mapping[str, Any]) -> str:
     name = str(policy.get("policy"))
+    if name == "ranks":
+        return f"ranks of {len(policy.get('ranks') or {})} layer(s)"
     for key in ("budget", "keep", "energy", "max_drop", "max_rel_drop"):
         if policy.get(key) is not None:
             return f"{name} {key}={policy[key]:g}"
     return name
+
+
+def check_ranks(session: Session, parent_id: str, ranks: Mapping[str, int]) -> None:
+    """A ``ranks`` policy against the parent's layers (its dense reference point: every truncatable
+    layer at full rank): 422 naming an unknown layer or a rank outside its range. The worker checks
+    again against the model itself."""
+    result = job_repo.get_result(session, parent_id)
+    pareto = (result.report or {}).get("pareto") if result is not None else None
+    first = pareto[0] if isinstance(pareto, list) and pareto else None
+    full = first.get("ranks") if isinstance(first, dict) else None
+    if not isinstance(full, dict) or not full:
+        return
+    unknown = [name for name in ranks if name not in full]
+    if unknown:
+        layers = ", ".join(list(full)[:20]) + (", ..." if len(full) > 20 else "")
+        raise AppError(
+            422,
+            f"compress.ranks: job {parent_id} has no truncatable layer named "
+            f"{', '.join(repr(n) for n in unknown[:5])}; its layers are {layers}",
+        )
+    bad = [f"{n!r} is {r}, valid 1..{full[n]}" for n, r in ranks.items() if not 1 <= r <= int(full[n])]
+    if bad:
+        raise AppError(422, f"compress.ranks: out of range: {'; '.join(bad[:5])}")
 
 
 def create_derived_job(
@@ -435,6 +460,8 @@ def create_derived_job(
             f"job {parent_id} has no stored dense model (it ran before the service kept one); "
             "submit it again to choose other operating points",
         )
+    if isinstance(body.compress, RanksPolicy):
+        check_ranks(session, parent_id, body.compress.ranks)
     stored = derived_config(parent, body)
     check_submit(session, tenant.id, JobConfig.model_validate(stored), settings, idempotency_key)
     job, created = job_repo.create(

@@ -428,3 +428,59 @@ def test_select_counts_against_the_active_job_quota(
 
     assert resp.status_code == 429 and "LORITA_MAX_ACTIVE_JOBS" in resp.json()["detail"]
     assert session.query(Job).filter(Job.parent_id == parent_id).count() == 0
+
+
+def succeed_with_report(session: Session, job_id: str, full: dict[str, int]) -> None:
+    """A succeeded parent with a dense model and a report whose reference point has ``full`` ranks."""
+    from store.models import Result
+
+    succeed_with_dense(session, job_id)
+    point = {"stage": "reference", "params": 100, "flops": 200, "val_accuracy": 0.9, "ranks": full}
+    session.add(Result(job_id=job_id, report={"pareto": [point]}))
+    session.commit()
+
+
+def test_select_with_a_points_ranks_creates_the_derived_job(
+    client: TestClient, alice: Caller, session: Session, dispatcher: RecordingDispatcher
+) -> None:
+    parent_id = submit(client, alice)
+    succeed_with_report(session, parent_id, {"layers.0": 16, "head": 10})
+    body = {"compress": {"policy": "ranks", "ranks": {"layers.0": 5}}}
+
+    resp = client.post(f"/v1/jobs/{parent_id}/select", headers=alice.headers, json=body)
+
+    assert resp.status_code == 202, resp.text
+    job = session.get(Job, resp.json()["id"])
+    assert job is not None and job.parent_id == parent_id
+    assert job.config["compress"]["policy"] == "ranks"
+    assert job.config["compress"]["ranks"] == {"layers.0": 5}
+    assert job.config["finetune"]["epochs"] == 0
+    assert dispatcher.sent[-1] == job.id
+
+
+@pytest.mark.parametrize(
+    ("ranks", "fragment"),
+    [
+        ({"layers.0": 0}, "at least 1"),
+        ({"layers.0": 2.5}, "integer"),
+        ({"layers.0": "5"}, "integer"),
+        ([5], "dictionary"),
+        ({"nope": 3}, "no truncatable layer named 'nope'; its layers are "),
+        ({"layers.0": 17}, "'layers.0' is 17, valid 1..16"),
+    ],
+)
+def test_select_with_malformed_ranks_is_422_naming_the_layer(
+    client: TestClient, alice: Caller, session: Session, ranks: Any, fragment: str
+) -> None:
+    parent_id = submit(client, alice)
+    succeed_with_report(session, parent_id, {"layers.0": 16, "head": 10})
+
+    resp = client.post(
+        f"/v1/jobs/{parent_id}/select",
+        headers=alice.headers,
+        json={"compress": {"policy": "ranks", "ranks": ranks}},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert "compress" in resp.json()["detail"] and fragment in resp.json()["detail"]
+    assert session.query(Job).filter(Job.parent_id == parent_id).count() == 0
