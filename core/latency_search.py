@@ -16,7 +16,10 @@ choice by measuring the whole exported model side by side with the dense one:
 3. The best point is exported and measured with the dense model, interleaved (the first fit
    aims 10% under the limit: the table tends to predict low). If it misses
    the budget, the predicted limit is tightened by the miss ratio and steps 2-3 run again
-   (at most ``confirmations`` times). When nothing measured meets the budget,
+   (at most ``confirmations`` times). A point that meets the budget with room to spare
+   (below 0.8 x budget: the table was pessimistic) loosens the limit the same way while
+   tries remain; the most accurate point that met the budget is the answer. When nothing
+   measured meets the budget,
    :class:`~core.search.BudgetError` names the fastest model found.
 """
 
@@ -49,6 +52,8 @@ _MARGIN = 0.97
 # (activations, copies, the session's own overhead), so it tends to predict low; the first
 # fit aims at this fraction of the limit, which saves a measurement in most cases.
 _START_MARGIN = 0.9
+# A point measured below this fraction of the budget leaves room: the next try aims higher.
+_RELAX_BELOW = 0.8
 _EPS = 1e-9
 
 
@@ -255,6 +260,7 @@ def search_latency_budget(
 
     limit = info.limit_ms * _START_MARGIN
     fastest: tuple[float, EvaluatedPoint] | None = None  # (measured fraction, point)
+    met: list[tuple[EvaluatedPoint, float, float]] = []  # (point, measured ms, dense ms) within budget
     step = 0
     for attempt in range(max(1, confirmations)):
         fit = svt.ranks_under_budget(scores, predicted, limit)
@@ -306,8 +312,17 @@ def search_latency_budget(
         if fastest is None or fraction < fastest[0]:
             fastest = (fraction, best)
         if fraction <= budget + _EPS:
-            return finish(best, (measured_ms, measured_dense))
+            best.within_budget = True
+            met.append((best, measured_ms, measured_dense))
+            if fraction >= budget * _RELAX_BELOW or attempt + 1 >= confirmations:
+                break
+            # Met with room to spare: the table was pessimistic, so aim higher (a more
+            # accurate model may fit); the best that met stays the answer if that one misses.
+            limit = limit * (budget / max(fraction, _EPS)) * _MARGIN
+            continue
         best.within_budget = False  # measured: it misses
+        if met:
+            break  # a looser aim missed: keep what met the budget
         # Aim lower by the miss ratio, or by how far the prediction fell short of the
         # measurement, whichever is stricter; and measure the table again when possible
         # (a burst of load during the first measurement makes its predictions wrong).
@@ -320,6 +335,9 @@ def search_latency_budget(
             info.table = table.to_dict()
             info.slow_layers = table.slow_layers()
 
+    if met:
+        chosen, ms, dense = max(met, key=lambda m: (m[0].val_accuracy, -m[1] / m[2]))
+        return finish(chosen, (ms, dense))
     where = f"on this machine ({table.runtime}, batch {table.batch_size}, {table.threads} thread(s))"
     if fastest is None:
         smallest = adjusted({k: 1 for k in spectra})

@@ -164,3 +164,27 @@ def test_round_result_evaluates_and_chooses_the_rounded_point() -> None:
     assert calls[-1] == {"0": 24, "2": 24}
     assert sum(p.chosen for p in rounded.points) == 1
     assert round_result(result, spectra, 1, evaluate, 0, 0) is result
+
+
+def test_a_pessimistic_table_is_corrected_upwards() -> None:
+    # the runtime is twice as fast as the table predicts: the first pick meets the budget with
+    # room to spare, so the search aims higher and keeps the most accurate point that met it
+    spectra, table = _hand_table()
+    measured: list[float] = []
+
+    def measure(ranks: svt.Ranks) -> tuple[float, float]:
+        factorized = {k: sp.factorizes(ranks[k]) for k, sp in spectra.items()}
+        ms = table.predict(20.0, ranks, factorized) / 2
+        measured.append(ms / 20.0)
+        return ms, 20.0
+
+    def evaluate(ranks: svt.Ranks) -> float:  # more kept, more accurate
+        return sum(ranks.values()) / 1000
+
+    result, info = search_latency_budget(
+        spectra, 0, 0, evaluate, budget=0.5, table=table, dense_ms=20.0, measure=measure, multiple=8
+    )
+    assert len(measured) >= 2 and measured[0] < 0.4
+    assert info.met and info.measured_fraction is not None and info.measured_fraction <= 0.5
+    first = next(p for p in result.points if p.stage == "start")
+    assert result.chosen.val_accuracy > first.val_accuracy
