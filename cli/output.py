@@ -172,6 +172,7 @@ def format_speed_table(report: JobReport) -> str:
         "'x dense' compares the fastest runs, the stable figure on a shared machine)"
     ]
     lines.extend(_align(rows))
+    lines.extend(f"warning: {w}" for w in summary.warnings)
     ls = report.latency_search
     if ls is not None and ls.measured_fraction is not None:
         lines.append(

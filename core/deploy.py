@@ -182,7 +182,18 @@ def speed_summary(
         for name, per_batch in measured.items():
             rows[name]["latency_ms"] = {str(b): summarize_times(ts, "median") for b, ts in per_batch.items()}
             rows[name]["fastest_ms"] = {str(b): summarize_times(ts, "min") for b, ts in per_batch.items()}
-    return {"runtime": runtime, "threads": threads, "repeats": repeats, "rows": rows}
+    warnings: list[str] = []
+    dense = rows.get("dense")
+    for name, row in rows.items():
+        if name == "dense" or dense is None:
+            continue
+        for b, ms in row["fastest_ms"].items():
+            ref = dense["fastest_ms"].get(b)
+            if ref is not None and ms > ref:
+                warnings.append(
+                    f"{name} is slower than dense at batch {b} ({ms:.3g} ms vs {ref:.3g} ms, fastest runs)"
+                )
+    return {"runtime": runtime, "threads": threads, "repeats": repeats, "rows": rows, "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ class SpeedSummary(_Part):
     threads: int
     repeats: int
     rows: dict[str, SpeedRow] = Field(description="'dense', 'compressed' and, when exported, 'int8'.")
+    warnings: list[str] = Field(
+        default_factory=list, description="A variant slower than dense at some batch size (fastest runs)."
+    )
 
 
 class Int8Info(_Part):

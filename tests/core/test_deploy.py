@@ -113,3 +113,22 @@ def test_choose_ranks_rounds_any_policy() -> None:
     assert choice.rounding is not None and choice.rounding["round_to"] == 16
     assert choice.rounding["changed"]["0"] == {"rank": 20, "rounded": 32, "how": "up", "multiple": 16}
     assert choice.latency is None
+
+
+def test_summary_warns_when_a_variant_is_slower_than_dense() -> None:
+    small = nn.Linear(64, 10).eval()
+    big = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.Linear(2048, 10)).eval()
+    variants = {
+        "dense": Variant(650, 1300, None, None, None, module=small),
+        "compressed": Variant(4_000_000, 8_000_000, None, None, None, module=big),
+    }
+    got = speed_summary(variants, (64,), [32], runtime="torch", repeats=3)
+    assert any(w.startswith("compressed is slower than dense at batch 32") for w in got["warnings"])
+    swapped = speed_summary(
+        {"dense": variants["compressed"], "compressed": variants["dense"]},
+        (64,),
+        [32],
+        runtime="torch",
+        repeats=3,
+    )
+    assert swapped["warnings"] == []
