@@ -364,7 +364,6 @@ def _job_page_data(session: Session, tenant_id: str, job_id: str) -> dict[str, A
             ranks_svg=charts.ranks_svg(ranks),
             before_after=before_after_rows(report),
             has_spectra=any(a["name"] == "spectra.png" for a in artifacts),
-            max_evals=int((report.get("config") or {}).get("compress", {}).get("max_evals") or 20),
         )
     return data
 
@@ -447,12 +446,34 @@ async def job_page(job_id: str, request: Request, settings: SettingsDep, session
 async def select_from_page(
     job_id: str, request: Request, settings: SettingsDep, session: SessionDep, dispatcher: DispatcherDep
 ) -> Response:
-    """ "Use this point": a derived job with a budget at the point's size, then its page."""
+    """ "Use this point": a derived job with the point's ranks (policy ``ranks``), then its page."""
     user = await signed_in(request, settings, session)
     try:
         return await _select_from_page(job_id, request, settings, session, dispatcher, user)
     except AppError as err:
         return error_page(request, user, err, back=f"/ui/jobs/{job_id}")
+
+
+def point_policy(session: Session, tenant_id: str, job_id: str, index: int) -> dict[str, Any]:
+    """The ``ranks`` policy of point ``index`` of the job's Pareto curve: the derived job builds
+    exactly that model (the same dense model and validation split, so the same figures)."""
+    parent = job_repo.get_for_tenant(session, tenant_id, job_id)
+    if parent is None:
+        raise AppError(404, f"job {job_id} not found")
+    if parent.status != JobStatus.SUCCEEDED:
+        raise AppError(
+            409,
+            f"job {job_id} is {parent.status}; another operating point can be chosen once it has succeeded",
+        )
+    result = job_repo.get_result(session, job_id)
+    pareto = (result.report or {}).get("pareto") if result is not None else None
+    points = pareto if isinstance(pareto, list) else []
+    if not 0 <= index < len(points):
+        raise AppError(422, f"point: job {job_id} has points 0..{len(points) - 1}, not {index}")
+    ranks = points[index].get("ranks") if isinstance(points[index], dict) else None
+    if not isinstance(ranks, dict) or not ranks:
+        raise AppError(422, f"point {index} of job {job_id} has no per-layer ranks; submit the job again")
+    return {"policy": "ranks", "ranks": ranks}
 
 
 async def _select_from_page(
@@ -461,22 +482,15 @@ async def _select_from_page(
     if user is None:
         raise AppError(401, "not signed in: sign in at /ui/login")
     form = await check_form(request, user)
-    axis = form.get("axis", "params")
-    if axis not in ("params", "flops"):
-        raise AppError(422, "axis: choose params or flops")
     try:
-        budget = float(form.get("budget", ""))
-        max_evals = int(form.get("max_evals", "20"))
+        index = int(form.get("point", ""))
     except ValueError:
-        raise AppError(422, "budget: give the point's fraction of the dense model, e.g. 0.25") from None
-    body = SelectCreate.model_validate(
-        {
-            "compress": {"policy": f"{axis}_budget", "budget": min(1.0, budget), "max_evals": max_evals},
-            "finetune": form.get("finetune") == "on",
-        }
-    )
+        raise AppError(422, "point: give the index of a point of the job's Pareto chart") from None
+    finetune = form.get("finetune") == "on"
 
     def create() -> Job:
+        compress = point_policy(session, user.tenant.id, job_id, index)
+        body = SelectCreate.model_validate({"compress": compress, "finetune": finetune})
         job, created = create_derived_job(
             session,
             user.tenant,

@@ -161,3 +161,43 @@ def test_pages_forbid_framing_and_outside_scripts(client: TestClient, alice: Cal
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     assert 'value="digits-fcn-lorita"' in page.text  # the form starts from examples/digits_fcn.json
     assert client.get("/ui/static/app.js").status_code == 200
+
+
+def test_use_this_point_posts_the_points_index_and_the_derived_job_takes_its_ranks(
+    client: TestClient, alice: Caller, bob: Caller, session: Session
+) -> None:
+    from api.operating_points import DENSE_WEIGHTS
+    from store.models import Artifact, Result
+
+    job_id = submit(client, alice)
+    pareto = [
+        {"stage": "reference", "params": 900, "flops": 1800, "val_accuracy": 0.9, "ranks": {"a": 16, "b": 8}},
+        {"stage": "bisection", "params": 300, "flops": 600, "val_accuracy": 0.8, "ranks": {"a": 3, "b": 8}},
+    ]
+    url = f"/ui/jobs/{job_id}/select"
+    form = {"csrf": csrf_token(alice.key), "point": "1"}
+    sign_in(client, alice)
+    not_yet = client.post(url, data=form, follow_redirects=False)
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.status = "succeeded"
+    session.add(Artifact(job_id=job_id, name=DENSE_WEIGHTS, size_bytes=1, sha256="0" * 64, location="x/y"))
+    session.add(Result(job_id=job_id, report={"pareto": pareto}))
+    session.commit()
+
+    made = client.post(url, data=form, follow_redirects=False)
+    past_the_end = client.post(url, data=form | {"point": "2"}, follow_redirects=False)
+    not_a_number = client.post(url, data=form | {"point": "x"}, follow_redirects=False)
+    sign_in(client, bob)
+    other = client.post(url, data={"csrf": csrf_token(bob.key), "point": "1"}, follow_redirects=False)
+
+    assert not_yet.status_code == 409 and "succeeded" in not_yet.text
+    assert made.status_code == 303
+    derived = session.get(Job, made.headers["location"].rsplit("/", 1)[1])
+    assert derived is not None and derived.parent_id == job_id
+    assert derived.config["compress"]["policy"] == "ranks"
+    assert derived.config["compress"]["ranks"] == {"a": 3, "b": 8}
+    assert past_the_end.status_code == 422 and "points 0..1" in past_the_end.text
+    assert not_a_number.status_code == 422 and "point" in not_a_number.text
+    assert other.status_code == 404
+    assert session.query(Job).filter(Job.parent_id == job_id).count() == 1

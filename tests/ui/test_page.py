@@ -319,7 +319,7 @@ def test_use_this_point_creates_a_derived_job_that_succeeds(
     ]
     assert candidates, "the search evaluated no smaller point"
     point = min(candidates, key=lambda c: float(c.get_attribute("data-params-fraction")))
-    fraction = float(point.get_attribute("data-params-fraction"))
+    index = int(point.get_attribute("data-index"))
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", point)
     driver.execute_script("arguments[0].focus()", point)  # the keyboard path: focus, then Enter
     assert driver.switch_to.active_element == point
@@ -338,9 +338,18 @@ def test_use_this_point_creates_a_derived_job_that_succeeds(
     with api(service, service.key_a) as client:
         job = client.get(f"/v1/jobs/{derived}").json()
         report = client.get(f"/v1/jobs/{derived}/report").json()
+        clicked = client.get(f"/v1/jobs/{finished_job}/report").json()["pareto"][index]
     assert job["status"] == "succeeded"
-    assert job["config"]["compress"]["policy"] == "params_budget"
-    assert report["params"]["after"] <= (fraction + 1e-6) * report["params"]["before"] + 1
+    # the derived job builds exactly the clicked point: its ranks, so its size, FLOPs and (same
+    # dense model, same validation split, no fine-tuning) its validation accuracy
+    assert job["config"]["compress"] == {"policy": "ranks", "ranks": clicked["ranks"], "round_to": None}
+    chosen = next(p for p in report["pareto"] if p["chosen"])
+    figures = ("params", "flops", "val_accuracy", "ranks")
+    print(f"clicked point {index} of {finished_job}: " + ", ".join(f"{k}={clicked[k]}" for k in figures[:3]))
+    print(f"derived job {derived}: " + ", ".join(f"{k}={chosen[k]}" for k in figures[:3]))
+    assert {k: chosen[k] for k in figures} == {k: clicked[k] for k in figures}
+    assert report["params"]["after"] == clicked["params"] and report["flops"]["after"] == clicked["flops"]
+    assert report["accuracy"]["val"]["after"] == clicked["val_accuracy"]
     assert report["training"] is not None  # carried over from the parent: nothing was trained
 
 
@@ -368,23 +377,21 @@ def test_another_tenant_cannot_see_or_open_the_job_and_forged_requests_are_refus
     # a forged cross-site form, auto-submitted from another origin while A is signed in
     forged = (
         f"<form id='f' method='post' action='{service.url}/ui/jobs/{finished_job}/select'>"
-        "<input name='axis' value='params'><input name='budget' value='0.5'></form>"
+        "<input name='point' value='1'></form>"
         "<script>document.getElementById('f').submit()</script>"
     )
     driver.get("data:text/html," + forged)
     time.sleep(1.5)
     assert "/ui/jobs/" not in driver.current_url or "select" in driver.current_url
     with httpx.Client(base_url=service.url, timeout=30) as raw:
-        no_cookie = raw.post(f"/ui/jobs/{finished_job}/select", data={"axis": "params", "budget": "0.5"})
+        no_cookie = raw.post(f"/ui/jobs/{finished_job}/select", data={"point": "1"})
         cookies = {"lorita_session": session_cookie["value"]}
-        no_token = raw.post(
-            f"/ui/jobs/{finished_job}/select", data={"axis": "params", "budget": "0.5"}, cookies=cookies
-        )
+        no_token = raw.post(f"/ui/jobs/{finished_job}/select", data={"point": "1"}, cookies=cookies)
         page = raw.get(f"/ui/jobs/{finished_job}", cookies=cookies).text
         token = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
         other_origin = raw.post(
             f"/ui/jobs/{finished_job}/select",
-            data={"axis": "params", "budget": "0.5", "csrf": token},
+            data={"point": "1", "csrf": token},
             cookies=cookies,
             headers={"Origin": "http://evil.example"},
         )

@@ -184,7 +184,6 @@ function setupPareto(jobId) {
   for (const radio of section.querySelectorAll('input[name="pareto-axis"]')) {
     radio.addEventListener("change", () => {
       for (const box of section.querySelectorAll(".chart-box[data-axis]")) box.hidden = box.dataset.axis !== axis();
-      if (form.elements.axis.value !== axis()) form.hidden = true;
     });
   }
   const describe = (c) =>
@@ -194,15 +193,12 @@ function setupPareto(jobId) {
   const choose = (c) => {
     for (const other of section.querySelectorAll("circle.point.selected")) other.classList.remove("selected");
     c.classList.add("selected");
-    const a = axis();
-    const fraction = Number(a === "params" ? c.dataset.paramsFraction : c.dataset.flopsFraction);
-    const budget = Math.min(1, fraction + 1e-6); // the point itself fits its own budget
-    form.elements.axis.value = a;
-    form.elements.budget.value = budget.toFixed(6);
+    // the server reads this point's per-layer ranks from the job's report (policy "ranks")
+    form.elements.point.value = c.dataset.index;
     form.elements.idempotency_key.value = (crypto.randomUUID ? crypto.randomUUID() : String(Math.random()));
     document.getElementById("use-point-text").textContent =
-      `${describe(c)} A new job (no training) will pick the most accurate setting within ` +
-      `${(budget * 100).toFixed(2)}% of the dense model's ${a === "params" ? "parameters" : "FLOPs"} (policy ${a}_budget).`;
+      `${describe(c)} A new job (no training) will truncate every layer to this point's ranks ` +
+      `(policy ranks): the same model, so the same parameters, FLOPs and validation accuracy.`;
     form.hidden = false;
     document.getElementById("use-point-button").focus();
   };
