@@ -76,8 +76,12 @@ class ResultSummary(_Read):
     latency_ms: dict[str, dict[str, float | None]] = Field(
         default_factory=dict, description='{"<batch size>": {"before": ms, "after": ms}} as measured.'
     )
-    params_ratio: float | None = Field(default=None, description="params_after / params_before, from the report.")
-    flops_ratio: float | None = Field(default=None, description="flops_after / flops_before, from the report.")
+    params_ratio: float | None = Field(
+        default=None, description="params_after / params_before, from the report."
+    )
+    flops_ratio: float | None = Field(
+        default=None, description="flops_after / flops_before, from the report."
+    )
 
 
 class JobRead(_Read):
