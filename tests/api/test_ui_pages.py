@@ -168,6 +168,7 @@ def test_use_this_point_posts_the_points_index_and_the_derived_job_takes_its_ran
 ) -> None:
     from api.operating_points import DENSE_WEIGHTS
     from store.models import Artifact, Result
+    from store.status import JobStatus
 
     job_id = submit(client, alice)
     pareto = [
@@ -180,7 +181,7 @@ def test_use_this_point_posts_the_points_index_and_the_derived_job_takes_its_ran
     not_yet = client.post(url, data=form, follow_redirects=False)
     job = session.get(Job, job_id)
     assert job is not None
-    job.status = "succeeded"
+    job.status = JobStatus.SUCCEEDED
     session.add(Artifact(job_id=job_id, name=DENSE_WEIGHTS, size_bytes=1, sha256="0" * 64, location="x/y"))
     session.add(Result(job_id=job_id, report={"pareto": pareto}))
     session.commit()
