@@ -58,6 +58,17 @@ def test_select_through_the_service_agrees_with_select_on_the_jobs_files(tmp_pat
             env=env,
             cwd=tmp_path,
         )
+        # exactly one point of the job's Pareto curve: a compressed one the job did not choose
+        parent = json.loads((tmp_path / "job" / "report.json").read_text())
+        index = next(
+            i
+            for i, p in enumerate(parent["pareto"])
+            if i > 0 and not p["chosen"] and p["params_fraction"] < 1
+        )
+        point = ("--point", str(index), "--quiet")
+        remote_point = run(
+            "select", "--job", job_id, *point, *service, "--out", str(tmp_path / "rp"), env=env, cwd=tmp_path
+        )
     log = (tmp_path / "serve.log").read_text()
     assert f"/v1/jobs/{job_id}/stream" in log  # submit followed the stream, not only polls
 
@@ -75,3 +86,15 @@ def test_select_through_the_service_agrees_with_select_on_the_jobs_files(tmp_pat
     assert served["selected_from"] == f"job {job_id}"
     assert served["params"]["after"] <= 0.4 * served["params"]["before"]
     assert remote.stdout == local.stdout  # the same table and chosen point
+
+    # --point N: the derived job, and select on the files, build exactly the job's point N
+    local_point = run("select", str(parent_dir), *point, "--out", str(tmp_path / "lp"), env=env, cwd=tmp_path)
+    clicked = parent["pareto"][index]
+    figures = ("params", "flops", "val_accuracy", "ranks")
+    for out in ("rp", "lp"):
+        chosen = next(
+            p for p in json.loads((tmp_path / out / "report.json").read_text())["pareto"] if p["chosen"]
+        )
+        assert {k: chosen[k] for k in figures} == {k: clicked[k] for k in figures}, out
+    assert remote_point.stdout == local_point.stdout
+    print(f"point {index}: " + ", ".join(f"{k}={clicked[k]}" for k in figures[:3]))
