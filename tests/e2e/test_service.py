@@ -217,7 +217,8 @@ def test_killed_worker_job_resumes_from_checkpoint_and_succeeds_once(service: Se
         assert job["status"] == "succeeded", job
         assert job["attempt"] == 2
         events = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()["data"]
-        artifacts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+        # every row, the dense model's files included (hidden from the default listing)
+        artifacts = client.get(f"/v1/jobs/{job_id}/artifacts", params={"include": "dense"}).json()["data"]
     epochs_by_attempt: dict[int, list[int]] = {}
     for e in events:
         if e["stage"] == "train" and e["epoch"] is not None:
