@@ -15,13 +15,15 @@ threshold on those scores, i.e. a greedy (fractional-knapsack) allocation under 
   (from the singular values alone).
 - ``c_l``: what one rank of the layer costs, ``m + n`` parameters (x 2 x output positions for
   a FLOP budget).
-- ``s_l``: the layer's sensitivity, measured: the layer alone is truncated to a probe rank (the
-  rank the global threshold would give it under the same budget), every other layer dense,
-  and its validation accuracy drop is divided by the energy it removed,
-  ``s_l = max(drop, floor) / sum_{i >= p} e_l(i)``. One evaluation per layer, through the
-  search (cached, counted in ``max_evals``, shown on the Pareto curve as stage ``probe``);
-  the largest layers are probed first, at most half of the evaluations left, and a layer not
-  probed gets the median sensitivity of those that were.
+- ``s_l``: the layer's sensitivity, measured on validation, as accuracy change per unit of energy
+  moved (``max(change, floor) / energy``). ``probe_at="budget"`` (the default): from the global
+  threshold's fit under the same budget (evaluated once), one layer at a time is given up to twice
+  its rank there (a layer left dense there is cut to half its largest saving rank instead), every
+  other layer staying truncated, so the probes see how truncations compound.
+  ``probe_at="dense"``: the layer alone is truncated to its rank in that fit, every other layer
+  dense. One evaluation per layer, through the search (cached, counted in ``max_evals``, shown on
+  the Pareto curve as stage ``probe``); the largest layers are probed first, at most about half of
+  the evaluations left, and a layer not probed gets the median sensitivity of those that were.
 
 Because ``e_l`` falls along a layer, the scores do too, as the budget search needs.
 """
@@ -92,9 +94,15 @@ class SensitivityAllocation:
 
     name = "sensitivity"
 
-    def __init__(self, cost: Literal["params", "flops"] = "params", floor: float = DROP_FLOOR) -> None:
+    def __init__(
+        self,
+        cost: Literal["params", "flops"] = "params",
+        floor: float = DROP_FLOOR,
+        probe_at: Literal["budget", "dense"] = "budget",
+    ) -> None:
         self.cost = cost
         self.floor = floor
+        self.probe_at = probe_at
         self.last: list[LayerSensitivity] = []
 
     def __call__(self, spectra: Mapping[str, Spectrum]) -> Scores:
@@ -112,29 +120,57 @@ class SensitivityAllocation:
         hint: Mapping[str, int] | None,
         evaluations: int,
     ) -> Scores:
-        """Probe each layer once (largest saving first, within half of ``evaluations``); the scores."""
-        full: Ranks = {k: sp.full_rank for k, sp in spectra.items()}
-        reference = probe(full, "")
+        """Probe each layer once (largest first, within half of ``evaluations``); the scores.
+
+        ``probe_at="budget"`` (with a ``hint``): start from the hint (the global threshold's fit
+        under the budget) and move one layer at a time, up to twice its rank (or, for a layer left
+        dense there, down to half its largest saving rank): the accuracy it buys per unit of energy
+        where the budget puts the model, with every other layer truncated as well.
+        ``probe_at="dense"``: truncate one layer alone to its hint rank, every other layer dense.
+        """
+        at_budget = self.probe_at == "budget" and hint is not None
+        base: Ranks = (
+            {k: int(hint[k]) for k in spectra}
+            if at_budget and hint is not None
+            else {k: sp.full_rank for k, sp in spectra.items()}
+        )
+        # Leave at least one evaluation for the start the scores give (and about half for the search).
+        allowance = max(0, evaluations - 1 - (1 if at_budget else 0)) // 2
+        reference = probe(base, "") if allowance > 0 else None
         if reference is None:
             self.last = []
             return self(spectra)
-        allowance = max(0, evaluations - 1) // 2
         order = sorted(spectra, key=lambda k: -spectra[k].dense_params())
         measured: dict[str, LayerSensitivity] = {}
         for name in order:
             if len(measured) >= allowance:
                 break
             sp = spectra[name]
-            rank = probe_rank(sp, hint.get(name) if hint is not None else None)
-            if rank is None:
+            shares = energy_shares(sp)
+            top = probe_rank(sp, None)
+            if top is None:
                 continue
-            acc = probe({**full, name: rank}, name)
-            if acc is None:
-                break
-            removed = float(energy_shares(sp)[rank:].sum())
-            drop = reference - acc
-            sens = max(drop, self.floor) / max(removed, 1e-12)
-            measured[name] = LayerSensitivity(name, rank, drop, removed, sens)
+            if not at_budget:
+                rank = probe_rank(sp, hint.get(name) if hint is not None else None)
+                assert rank is not None
+                acc = probe({**base, name: rank}, name)
+                if acc is None:
+                    break
+                moved, change = float(shares[rank:].sum()), reference - acc
+            else:
+                here = base[name]
+                if here < top:  # raise it: what does more rank here buy?
+                    rank = min(top, max(here + 1, 2 * here))
+                    moved = float(shares[here:rank].sum())
+                else:  # dense at the budget's fit: what does cutting it cost?
+                    rank = max(1, top // 2)
+                    moved = float(shares[rank:].sum())
+                acc = probe({**base, name: rank}, name)
+                if acc is None:
+                    break
+                change = acc - reference if here < top else reference - acc
+            sens = max(change, self.floor) / max(moved, 1e-12)
+            measured[name] = LayerSensitivity(name, rank, change, moved, sens)
         fallback = statistics.median(m.sensitivity for m in measured.values()) if measured else 1.0
         self.last = [
             measured.get(name, LayerSensitivity(name, None, None, None, fallback)) for name in spectra

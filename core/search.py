@@ -462,10 +462,10 @@ def search_cost_budget(
     if not s.can_evaluate(start_ranks):
         return s.finish(reference.ranks)  # pragma: no cover - max_evals >= 2 by schema
     best = s.point(start_ranks, Label("start", threshold=threshold))
-    if hint is not None and s.evaluations_remaining > 0 and s.known(hint[0]) is None:
+    if hint is not None and s.can_evaluate(hint[0]):
         # A measured allocation competes with the global threshold's own fit: the search goes on
         # from whichever is more accurate on validation, so it never starts worse than the default.
-        plain = s.point(hint[0], Label("start", threshold=hint[1]))
+        plain = s.known(hint[0]) or s.point(hint[0], Label("start", threshold=hint[1]))
         if plain.val_accuracy > best.val_accuracy + _EPS:
             best, scores = plain, svt.normalized_scores(spectra)
 

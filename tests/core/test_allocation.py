@@ -72,7 +72,7 @@ def test_the_sensitive_layer_gets_more_rank_than_the_global_threshold_gives_it(
     assert max(global_ranks.values()) - min(global_ranks.values()) <= 3  # twins: about the same
 
     alloc = SensitivityAllocation("params")
-    kwargs = {"cost": "params", "budget": 0.3, "max_evals": 8}  # reference, 3 probes, start, 3 variants
+    kwargs = {"cost": "params", "budget": 0.3, "max_evals": 10}  # reference, fit, 3 probes, start, variants
     sens = search.search_cost_budget(twins, 0, 0, Sensitive(twins), importance=alloc, **kwargs)  # type: ignore[arg-type]
     glob = search.search_cost_budget(twins, 0, 0, Sensitive(twins), **kwargs)  # type: ignore[arg-type]
     assert sens.ranks["a"] > global_ranks["a"] + 5, (sens.ranks, global_ranks)
@@ -134,11 +134,26 @@ def test_probes_are_evaluations_of_the_search_on_its_pareto_curve(twins: dict[st
         twins, 0, 0, evaluate, cost="params", budget=0.2, max_evals=20, importance=SensitivityAllocation()
     )
     probes = [p for p in result.points if p.stage == "probe"]
-    assert {p.layer for p in probes} <= set(twins) and probes
+    base = next(p for p in probes if p.layer is None)  # the global threshold's fit under the budget
+    moved = [p for p in probes if p.layer is not None]
+    assert moved and {p.layer for p in moved} <= set(twins)
+    for p in moved:  # one layer moved away from that fit, every other one as there
+        assert [k for k in twins if p.ranks[k] != base.ranks[k]] == [p.layer]
+    assert evaluate.calls == len(result.points) <= 20
+
+
+def test_probing_alone_from_the_dense_model(twins: dict[str, Spectrum]) -> None:
+    alloc = SensitivityAllocation(probe_at="dense")
+    result = search.search_cost_budget(
+        twins, 0, 0, Sensitive(twins), cost="params", budget=0.2, max_evals=20, importance=alloc
+    )
+    probes = [p for p in result.points if p.stage == "probe"]
+    assert probes
     for p in probes:  # one layer truncated, every other one dense
         assert p.layer is not None
         assert [k for k, r in p.ranks.items() if r < twins[k].full_rank] == [p.layer]
-    assert evaluate.calls == len(result.points) <= 20
+    by_layer = {m.layer: m for m in alloc.last}
+    assert by_layer["a"].sensitivity > 10 * max(by_layer["b"].sensitivity, by_layer["c"].sensitivity)
 
 
 def test_without_evaluations_the_scores_are_energy_per_unit_of_cost() -> None:
@@ -221,5 +236,6 @@ def test_sensitivity_allocation_in_a_job_fits_the_budget(tiny_job: Path, tmp_pat
     assert ratio is not None and ratio <= 0.15
     assert len(report.pareto) <= 10
     probes = [p for p in report.pareto if p.stage == "probe"]
-    assert probes and all(p.layer in report.ranks for p in probes)
+    assert any(p.layer is not None for p in probes)
+    assert all(p.layer is None or p.layer in report.ranks for p in probes)  # None: the budget's global fit
     assert sum(p.chosen for p in report.pareto) == 1
