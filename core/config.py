@@ -247,14 +247,18 @@ ALLOCATION_HELP = (
 class ParamsBudgetPolicy(_Policy):
     policy: Literal["params_budget"]
     budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's parameters.")
-    max_evals: int = Field(default=20, ge=1, le=200)
+    max_evals: int = Field(
+        default=20, ge=2, le=200, description="Validation evaluations at most (the dense reference is one)."
+    )
     allocation: Allocation = Field(default="global", description=ALLOCATION_HELP)
 
 
 class FlopsBudgetPolicy(_Policy):
     policy: Literal["flops_budget"]
     budget: float = Field(gt=0.0, le=1.0, description="Fraction of the dense model's FLOPs.")
-    max_evals: int = Field(default=20, ge=1, le=200)
+    max_evals: int = Field(
+        default=20, ge=2, le=200, description="Validation evaluations at most (the dense reference is one)."
+    )
     allocation: Allocation = Field(default="global", description=ALLOCATION_HELP)
 
 

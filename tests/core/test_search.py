@@ -318,3 +318,15 @@ def test_params_budget_on_digits_keeps_at_most_the_budget(trained: Trained) -> N
     )
     small = svt.truncate(model, spectra, ranks)
     assert count_params(small) <= 0.3 * count_params(model)
+
+
+@pytest.mark.parametrize("policy", ["params_budget", "flops_budget"])
+def test_a_cost_budget_needs_two_evaluations(policy: str) -> None:
+    # one evaluation is the dense reference alone: the search could only return the dense
+    # model, over its budget, so the config refuses it up front
+    from core.config import ConfigError, parse_config
+
+    base = {"model": {"arch": "fcn"}, "dataset": {"name": "digits"}}
+    with pytest.raises(ConfigError, match="max_evals"):
+        parse_config(base | {"compress": {"policy": policy, "budget": 0.3, "max_evals": 1}})
+    assert parse_config(base | {"compress": {"policy": policy, "budget": 0.3, "max_evals": 2}})
