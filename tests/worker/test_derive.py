@@ -3,17 +3,16 @@ and the figures agree with ``core.pipeline.select`` run locally on the parent's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from store.admin import upgrade_db
-from store.db import dispose_engines, session_scope
-from store.models import Artifact, Job, Result, Tenant
+from store.db import session_scope
+from store.models import Artifact, Job, Result
 from store.settings import get_settings
+from tests.worker.conftest import job_row, submit
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
@@ -29,31 +28,6 @@ PARENT: dict[str, Any] = {
     "device": "cpu",
 }
 POLICY = {"policy": "params_budget", "budget": 0.4, "max_evals": 8}
-
-
-@pytest.fixture
-def service_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'lorita.db'}"
-    monkeypatch.setenv("LORITA_DATABASE_URL", url)
-    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
-    get_settings.cache_clear()
-    upgrade_db(url)
-    yield url
-    dispose_engines()
-    get_settings.cache_clear()
-
-
-def add_job(config: dict[str, Any], tenant_id: str | None = None, parent_id: str | None = None) -> str:
-    with session_scope() as session:
-        if tenant_id is None:
-            tenant = Tenant(name="acme")
-            session.add(tenant)
-            session.flush()
-            tenant_id = tenant.id
-        job = Job(tenant_id=tenant_id, config=config, max_attempts=3, parent_id=parent_id)
-        session.add(job)
-        session.flush()
-        return job.id
 
 
 def artifacts_of(job_id: str) -> dict[str, Artifact]:
@@ -76,19 +50,16 @@ def test_a_finished_job_keeps_its_dense_model_and_a_derived_job_agrees_with_loca
 ) -> None:
     from core.pipeline import select as select_point
 
-    parent_id = add_job(PARENT)
+    parent_id = submit(PARENT)
     assert execute_job(parent_id, "w1") == "succeeded"
     stored = artifacts_of(parent_id)
     assert {"dense/model.safetensors", "dense/model.json"} <= set(stored)
     root = Path(get_settings().artifact_dir)
     parent_dir = (root / stored["report.json"].location).parent
 
-    with session_scope() as session:
-        parent = session.get(Job, parent_id)
-        assert parent is not None
-        tenant_id = parent.tenant_id
+    tenant_id = job_row(parent_id).tenant_id
     derived_config = PARENT | {"compress": POLICY, "finetune": {"epochs": 0}}
-    derived_id = add_job(derived_config, tenant_id=tenant_id, parent_id=parent_id)
+    derived_id = submit(derived_config, tenant_id=tenant_id, parent_id=parent_id)
     assert execute_job(derived_id, "w1") == "succeeded"
     derived = report_of(derived_id)
 
@@ -104,14 +75,14 @@ def test_a_finished_job_keeps_its_dense_model_and_a_derived_job_agrees_with_loca
 
 
 def test_a_derived_job_whose_parent_lost_its_dense_model_fails_with_a_message(service_db: str) -> None:
-    parent_id = add_job(PARENT)
+    parent_id = submit(PARENT)
     assert execute_job(parent_id, "w1") == "succeeded"
     with session_scope() as session:
         for a in session.scalars(select(Artifact).where(Artifact.job_id == parent_id)).all():
             if a.name.startswith("dense/"):
                 session.delete(a)
         tenant_id = session.get(Job, parent_id).tenant_id  # type: ignore[union-attr]
-    derived_id = add_job(PARENT | {"compress": POLICY}, tenant_id=tenant_id, parent_id=parent_id)
+    derived_id = submit(PARENT | {"compress": POLICY}, tenant_id=tenant_id, parent_id=parent_id)
 
     assert execute_job(derived_id, "w1") == "failed"
     with session_scope() as session:

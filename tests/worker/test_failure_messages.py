@@ -4,16 +4,12 @@ sentence with a reference for an unexpected failure (it read ``internal error: <
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from store.admin import upgrade_db
-from store.db import dispose_engines, session_scope
-from store.models import Job, Tenant
-from store.settings import get_settings
+from tests.worker.conftest import job_row, submit
 from worker.tasks import execute_job
 
 CONFIG: dict[str, Any] = {
@@ -27,37 +23,6 @@ CONFIG: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    url = f"sqlite:///{tmp_path / 'lorita.db'}"
-    monkeypatch.setenv("LORITA_DATABASE_URL", url)
-    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("LORITA_WORK_DIR", str(tmp_path / "work"))
-    get_settings.cache_clear()
-    upgrade_db(url)
-    yield monkeypatch
-    dispose_engines()
-    get_settings.cache_clear()
-
-
-def submit(config: dict[str, Any]) -> str:
-    with session_scope() as session:
-        tenant = Tenant(name="acme")
-        session.add(tenant)
-        session.flush()
-        job = Job(tenant_id=tenant.id, config=config, max_attempts=1)
-        session.add(job)
-        session.flush()
-        return job.id
-
-
-def error_of(job_id: str) -> str:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job.error or ""
-
-
 def test_an_unexpected_failure_reads_as_a_sentence_with_a_log_reference(
     env: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -67,12 +32,12 @@ def test_an_unexpected_failure_reads_as_a_sentence_with_a_log_reference(
         raise KeyError("/srv/lorita/var/work/tenant-7/layers.3.weight_orig")
 
     env.setattr(core.pipeline, "run_job", broken)
-    job_id = submit(CONFIG)
+    job_id = submit(CONFIG, max_attempts=1)
 
     with caplog.at_level(logging.ERROR, logger="worker.tasks"):
         assert execute_job(job_id) == "failed"
 
-    error = error_of(job_id)
+    error = job_row(job_id).error or ""
     assert error.startswith("the job failed because of a problem on the server")
     for internal in ("internal error", "KeyError", "/srv", "tenant-7", "weight_orig"):
         assert internal not in error
@@ -92,10 +57,10 @@ def test_a_data_error_keeps_its_advice_but_not_the_server_path(
         )
 
     env.setattr(core.pipeline, "run_job", bad_data)
-    job_id = submit(CONFIG)
+    job_id = submit(CONFIG, max_attempts=1)
 
     execute_job(job_id)
 
-    error = error_of(job_id)
+    error = job_row(job_id).error or ""
     assert "7.png; replace it" in error
     assert str(tmp_path) not in error and "t-1" not in error

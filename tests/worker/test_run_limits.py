@@ -5,66 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from store.admin import upgrade_db
 from store.artifacts import NO_SPACE_MESSAGE, open_artifact_store
-from store.db import dispose_engines, session_scope
-from store.models import Artifact, Job, Tenant
+from store.db import session_scope
+from store.models import Artifact, Job
 from store.settings import get_settings
 from tests.store.s3_server import S3Server
+from tests.worker.conftest import job_row, submit, tiny_config
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
-
-
-def config(epochs: int = 2, width: int = 32) -> dict[str, Any]:
-    return {
-        "model": {"arch": "fcn", "options": {"depth": 2, "width": width}},
-        "dataset": {"name": "digits"},
-        "train": {"factors": 2, "epochs": epochs, "batch_size": 64},
-        "compress": {"policy": "global", "keep": 0.5},
-        "measure": {"latency": False},
-        "export": ["safetensors"],
-        "device": "cpu",
-    }
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    url = f"sqlite:///{tmp_path / 'lorita.db'}"
-    monkeypatch.setenv("LORITA_DATABASE_URL", url)
-    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("LORITA_WORK_DIR", str(tmp_path / "work"))
-    get_settings.cache_clear()
-    upgrade_db(url)
-    yield monkeypatch
-    dispose_engines()
-    get_settings.cache_clear()
-
-
-def submit(cfg: dict[str, Any]) -> tuple[str, str]:
-    with session_scope() as session:
-        tenant = Tenant(name="acme")
-        session.add(tenant)
-        session.flush()
-        job = Job(tenant_id=tenant.id, config=cfg, max_attempts=3)
-        session.add(job)
-        session.flush()
-        return tenant.id, job.id
-
-
-def job_row(job_id: str) -> Job:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge(job)
-        return job
 
 
 def files_under(root: Path) -> list[str]:
@@ -80,7 +35,7 @@ def test_past_the_wall_time_limit_the_job_fails_with_a_message_and_leaves_nothin
 ) -> None:
     env.setenv("LORITA_JOB_WALL_SECONDS", "1.5")
     get_settings.cache_clear()
-    _, job_id = submit(config(epochs=500))
+    job_id = submit(tiny_config(epochs=500))
 
     assert execute_job(job_id, "w1") == "failed"
 
@@ -95,7 +50,8 @@ def test_past_the_wall_time_limit_the_job_fails_with_a_message_and_leaves_nothin
 def test_a_success_removes_the_folders_of_superseded_attempts(
     env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    tenant_id, job_id = submit(config())
+    job_id = submit(tiny_config())
+    tenant_id = job_row(job_id).tenant_id
     job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
     (job_dir / "a1").mkdir(parents=True)
     (job_dir / "a1" / "model.safetensors").write_bytes(b"from the attempt whose worker died")
@@ -125,7 +81,7 @@ def test_a_full_artifact_store_fails_the_job_with_a_plain_message_and_no_partial
         env.setenv("LORITA_ARTIFACT_DIR", str(small))
         get_settings.cache_clear()
         # several MB of checkpoint (factors and Adam's moments): more than the 1 MB there
-        _, job_id = submit(config(epochs=2, width=1024))
+        job_id = submit(tiny_config(epochs=2, width=1024))
 
         assert execute_job(job_id, "w1") == "failed"
 
@@ -141,7 +97,7 @@ def test_a_job_on_the_s3_store_uploads_its_outputs_and_keeps_nothing_locally(
 ) -> None:
     env.setenv("LORITA_ARTIFACTS_URL", s3.url())
     get_settings.cache_clear()
-    _, job_id = submit(config())
+    job_id = submit(tiny_config())
 
     assert execute_job(job_id, "w1") == "succeeded"
 
@@ -163,7 +119,8 @@ def test_a_superseded_run_that_fails_leaves_the_newer_attempts_files_alone(
 ) -> None:
     from store import references
 
-    tenant_id, job_id = submit(config())
+    job_id = submit(tiny_config())
+    tenant_id = job_row(job_id).tenant_id
     job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
 
     def taken_over_then_failing(*args: Any, **kwargs: Any) -> Any:

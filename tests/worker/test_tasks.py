@@ -4,71 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
-from store.admin import upgrade_db
 from store.artifacts import sha256_file
-from store.db import dispose_engines, session_scope
-from store.models import Artifact, Job, JobEvent, Result, Tenant
+from store.db import session_scope
+from store.models import Artifact, Job, JobEvent, Result
 from store.settings import get_settings
+from tests.worker.conftest import job_row, submit, tiny_config
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(epochs: int = 2, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "model": {"arch": "fcn", "options": {"depth": 2, "width": 32}},
-        "dataset": {"name": "digits"},
-        "train": {"factors": 2, "epochs": epochs, "batch_size": 64},
-        "compress": {"policy": "global", "keep": 0.5},
-        "measure": {"latency": False},
-        "export": ["safetensors"],
-        "device": "cpu",
-    }
-    return config | overrides
-
-
-@pytest.fixture
-def service_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    url = f"sqlite:///{tmp_path / 'lorita.db'}"
-    monkeypatch.setenv("LORITA_DATABASE_URL", url)
-    monkeypatch.setenv("LORITA_ARTIFACT_DIR", str(tmp_path / "artifacts"))
-    get_settings.cache_clear()
-    upgrade_db(url)
-    yield url
-    dispose_engines()
-    get_settings.cache_clear()
-
-
-def submit(config: dict[str, Any]) -> str:
-    with session_scope() as session:
-        tenant = Tenant(name="acme")
-        session.add(tenant)
-        session.flush()
-        job = Job(tenant_id=tenant.id, config=config, max_attempts=3)
-        session.add(job)
-        session.flush()
-        return job.id
-
-
-def get_job(job_id: str) -> Job:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge(job)
-        return job
-
-
 def test_job_runs_to_success_with_result_and_verified_artifacts(service_db: str) -> None:
     job_id = submit(tiny_config())
     assert execute_job(job_id, "w1") == "succeeded"
-    job = get_job(job_id)
+    job = job_row(job_id)
     assert (job.status, job.attempt, job.progress, job.error) == ("succeeded", 1, 1.0, None)
     store_root = Path(get_settings().artifact_dir)
     with session_scope() as session:
@@ -89,7 +43,7 @@ def test_job_runs_to_success_with_result_and_verified_artifacts(service_db: str)
         assert {1, 2} <= {e for e in epochs if e is not None}
     assert not (store_root / artifacts[0].location).parent.parent.joinpath("work").exists()
     assert execute_job(job_id, "w2") == "skipped"  # a finished job is never run again
-    assert get_job(job_id).attempt == 1
+    assert job_row(job_id).attempt == 1
 
 
 def test_cancel_during_training_ends_canceled(service_db: str) -> None:
@@ -99,7 +53,7 @@ def test_cancel_during_training_ends_canceled(service_db: str) -> None:
     runner.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        job = get_job(job_id)
+        job = job_row(job_id)
         if job.status == "running" and (job.epoch or 0) >= 1:
             break
         time.sleep(0.2)
@@ -107,7 +61,7 @@ def test_cancel_during_training_ends_canceled(service_db: str) -> None:
         session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
     runner.join(timeout=120)
     assert outcome == ["canceled"]
-    job = get_job(job_id)
+    job = job_row(job_id)
     assert job.status == "canceled" and job.finished_at is not None
     with session_scope() as session:
         assert session.get(Result, job_id) is None
@@ -116,7 +70,7 @@ def test_cancel_during_training_ends_canceled(service_db: str) -> None:
 def test_invalid_config_fails_with_the_message(service_db: str) -> None:
     job_id = submit(tiny_config(train={"epochs": 0}))
     assert execute_job(job_id) == "failed"
-    error = get_job(job_id).error
+    error = job_row(job_id).error
     assert error is not None and error.startswith("invalid job config: train.epochs")
 
 
@@ -125,7 +79,7 @@ def test_unknown_model_id_fails_with_a_message(service_db: str) -> None:
     config["model"]["weights"] = "0" * 32
     job_id = submit(config)
     assert execute_job(job_id) == "failed"
-    assert get_job(job_id).error == (
+    assert job_row(job_id).error == (
         f"model.weights {'0' * 32!r} is not one of your uploaded models; "
         "upload weights with POST /v1/models and put the returned id in model.weights"
     )
@@ -134,7 +88,7 @@ def test_unknown_model_id_fails_with_a_message(service_db: str) -> None:
 def test_torchvision_dataset_without_a_data_dir_fails_with_a_message(service_db: str) -> None:
     job_id = submit(tiny_config(dataset={"name": "mnist"}))
     assert execute_job(job_id) == "failed"
-    error = get_job(job_id).error
+    error = job_row(job_id).error
     assert error is not None and "LORITA_DATA_DIR" in error and "POST /v1/datasets" in error
 
 
@@ -146,5 +100,5 @@ def test_torchvision_dataset_reads_the_operators_data_dir(
     # the data directory is empty and downloads are off: the job fails saying what to provide
     job_id = submit(tiny_config(dataset={"name": "cifar10"}))
     assert execute_job(job_id) == "failed"
-    error = get_job(job_id).error
+    error = job_row(job_id).error
     assert error is not None and "cifar10" in error and "root" in error
