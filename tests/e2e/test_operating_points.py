@@ -12,19 +12,11 @@ from pathlib import Path
 import pytest
 
 from cli.demo import create_key, lorita, running_service, service_env
+from tests.worker.conftest import parent_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-CONFIG = {
-    "model": {"arch": "fcn", "options": {"depth": 2, "width": 32}},
-    "dataset": {"name": "digits"},
-    "train": {"factors": 2, "epochs": 2, "batch_size": 64},
-    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 8},
-    "finetune": {"epochs": 0},
-    "measure": {"latency": False},
-    "export": ["safetensors"],
-    "device": "cpu",
-}
+CONFIG = parent_config()
 SELECT = ("--params", "0.4", "--max-evals", "8", "--quiet")
 
 

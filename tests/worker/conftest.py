@@ -116,6 +116,14 @@ def tiny_config(epochs: int = 2, width: int = 32, **overrides: Any) -> dict[str,
     return config | overrides
 
 
+def parent_config() -> dict[str, Any]:
+    """``tiny_config`` searching an accuracy budget, not fine-tuned: a job whose stored dense model
+    and Pareto curve derived jobs (``select``) start from."""
+    return tiny_config(
+        compress={"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 8}, finetune={"epochs": 0}
+    )
+
+
 def submit(config: dict[str, Any], tenant_id: str | None = None, **fields: Any) -> str:
     """A job with this config in the database the worker's settings point at, under ``tenant_id`` or
     else a new tenant "acme"; its other columns as ``make_job``'s (``max_attempts`` 3 unless given)."""

@@ -12,21 +12,12 @@ from sqlalchemy import select
 from store.db import session_scope
 from store.models import Artifact, Job, Result
 from store.settings import get_settings
-from tests.worker.conftest import job_row, submit
+from tests.worker.conftest import job_row, parent_config, submit
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
 
-PARENT: dict[str, Any] = {
-    "model": {"arch": "fcn", "options": {"depth": 2, "width": 32}},
-    "dataset": {"name": "digits"},
-    "train": {"factors": 2, "epochs": 2, "batch_size": 64},
-    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 8},
-    "finetune": {"epochs": 0},
-    "measure": {"latency": False},
-    "export": ["safetensors"],
-    "device": "cpu",
-}
+PARENT = parent_config()
 POLICY = {"policy": "params_budget", "budget": 0.4, "max_evals": 8}
 
 
