@@ -136,6 +136,19 @@ def run_one(
     }
 
 
+def environment(threads: int) -> str:
+    """What a results file's figures were measured with: torch and python versions, CPU threads."""
+    return f"torch {torch.__version__}, python {platform.python_version()}, {threads} thread(s), CPU"
+
+
+def publish(text: str, out: Path) -> int:
+    """Print a results file's text and write it to ``out`` (its folder made); main's exit code."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -487,11 +500,7 @@ def compare_inits(args: argparse.Namespace) -> int:
                                     f.write(line + "\n")
     total = time.perf_counter() - t0
     if args.dense_only:
-        text = grid_table(rows)
-        print(text)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        return 0
+        return publish(grid_table(rows), args.out)
     epochs_note = ", ".join(sorted({f"{r['dataset']} {r['epochs']} epochs" for r in rows}))
     text = "\n".join(
         [
@@ -515,15 +524,11 @@ def compare_inits(args: argparse.Namespace) -> int:
             "",
             init_table(rows, budgets),
             "",
-            f"Wall time {total / 60:.1f} min; torch {torch.__version__}, python "
-            f"{platform.python_version()}, {args.threads} thread(s), CPU (2 shared cores).",
+            f"Wall time {total / 60:.1f} min; {environment(args.threads)} (2 shared cores).",
             "",
         ]
     )
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return publish(text, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -599,15 +604,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             summary(rows),
             "",
-            f"Total wall time {total / 60:.1f} min; torch {torch.__version__}, python "
-            f"{platform.python_version()}, {args.threads} thread(s), CPU.",
+            f"Total wall time {total / 60:.1f} min; {environment(args.threads)}.",
             "",
         ]
     )
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return publish(text, args.out)
 
 
 if __name__ == "__main__":

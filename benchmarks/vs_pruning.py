@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +38,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reproduce_fcn import JOB_CACHE, _as_dict, init_job_config, pct, trained_job  # noqa: E402
+from benchmarks.reproduce_fcn import (  # noqa: E402
+    JOB_CACHE,
+    _as_dict,
+    environment,
+    init_job_config,
+    pct,
+    publish,
+    trained_job,
+)
 from core.config import parse_config  # noqa: E402
 from core.data import load_data  # noqa: E402
 from core.export import load_model  # noqa: E402
@@ -275,14 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "cosine, keep-the-better on validation). Test accuracy in %, means over seeds "
         + ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
         + (f". Wall time {(time.perf_counter() - t0) / 60:.1f} min" if not args.from_rows else "")
-        + f". torch {torch.__version__}, "
-        f"python {platform.python_version()}, {args.threads} thread(s), CPU."
+        + f". {environment(args.threads)}."
     )
-    text = render(rows, note)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    return 0
+    return publish(render(rows, note), args.out)
 
 
 if __name__ == "__main__":
