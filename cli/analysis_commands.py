@@ -131,12 +131,17 @@ def cmd_select(args: argparse.Namespace) -> int:
     print(format_report_table(report))
     chosen = report.chosen
     if chosen is not None:
-        print(
-            f"chosen after {len(report.pareto)} evaluations: {chosen.params_fraction:.3f} of the "
-            f"parameters, {chosen.flops_fraction:.3f} of the FLOPs"
-        )
+        print(chosen_line(len(report.pareto), chosen.params_fraction, chosen.flops_fraction))
     print(f"artifacts in {out}", file=sys.stderr)
     return 0
+
+
+def chosen_line(evaluations: int, params_fraction: float, flops_fraction: float) -> str:
+    """The line under a select's report table: how many points were evaluated, what the chosen keeps."""
+    return (
+        f"chosen after {evaluations} evaluations: {params_fraction:.3f} of the "
+        f"parameters, {flops_fraction:.3f} of the FLOPs"
+    )
 
 
 def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
@@ -181,10 +186,7 @@ def select_on_service(args: argparse.Namespace, policy: dict[str, Any]) -> int:
     print(format_report_table(report))
     chosen = next((p for p in report.get("pareto", []) if p.get("chosen")), None)
     if chosen is not None:
-        print(
-            f"chosen after {len(report['pareto'])} evaluations: {chosen['params_fraction']:.3f} of the "
-            f"parameters, {chosen['flops_fraction']:.3f} of the FLOPs"
-        )
+        print(chosen_line(len(report["pareto"]), chosen["params_fraction"], chosen["flops_fraction"]))
     print(f"job {job_id}: artifacts in {out}", file=sys.stderr)
     return 0
 
