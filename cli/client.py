@@ -193,39 +193,20 @@ class LoritaClient:
         }
         if options:
             data["options"] = json.dumps(dict(options))
-        with path.open("rb") as f:
-            files = {"file": (path.name, f, "application/octet-stream")}
-            return dict(
-                self._call("POST", "/v1/models", f"uploading {path}", retry=False, data=data, files=files)
-            )
+        return self._upload("/v1/models", path, data)
 
     def upload_program(self, path: Path) -> dict[str, Any]:
         """A torch.export program (.pt2): a model of kind ``program`` (no arch, shape or classes)."""
-        with path.open("rb") as f:
-            files = {"file": (path.name, f, "application/octet-stream")}
-            return dict(
-                self._call(
-                    "POST",
-                    "/v1/models",
-                    f"uploading {path}",
-                    retry=False,
-                    data={"name": path.name},
-                    files=files,
-                )
-            )
+        return self._upload("/v1/models", path, {"name": path.name})
 
     def upload_dataset(self, path: Path) -> dict[str, Any]:
+        return self._upload("/v1/datasets", path, {"name": path.name})
+
+    def _upload(self, route: str, path: Path, data: dict[str, str]) -> dict[str, Any]:
+        """``POST route`` with the file as the form's ``file`` and ``data`` beside it; never retried."""
         with path.open("rb") as f:
             files = {"file": (path.name, f, "application/octet-stream")}
-            body = self._call(
-                "POST",
-                "/v1/datasets",
-                f"uploading {path}",
-                retry=False,
-                data={"name": path.name},
-                files=files,
-            )
-        return dict(body)
+            return dict(self._call("POST", route, f"uploading {path}", retry=False, data=data, files=files))
 
     def submit(self, config: Mapping[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         """``POST /v1/jobs``; retried safely: every try carries the same ``Idempotency-Key``."""
