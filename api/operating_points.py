@@ -320,6 +320,66 @@ def build_plan(config: JobConfig, names: Mapping[str, str]) -> dict[str, Any]:
         raise AppError(422, message) from None
 
 
+PROGRAM_PLAN_TIMEOUT_S = 120.0
+
+
+def _plan_child(config_json: str, conn: Any) -> None:
+    """Body of the child that plans a program job: sends ("ok", plan) or ("error", message)."""
+    from core.config import ConfigError, JobConfig
+    from core.plan import plan_job
+    from core.progress import JobError
+
+    try:
+        result: tuple[str, Any] = ("ok", plan_job(JobConfig.model_validate_json(config_json)).to_dict())
+    except (ConfigError, JobError, ValueError) as err:
+        result = ("error", str(err))
+    except Exception as err:  # never a traceback to the user; the API logs the type
+        result = ("crash", type(err).__name__)
+    conn.send(result)
+    conn.close()
+
+
+def build_plan_in_child(
+    config: JobConfig, names: Mapping[str, str], timeout_s: float = PROGRAM_PLAN_TIMEOUT_S
+) -> dict[str, Any]:
+    """:func:`build_plan` for a torch.export program, in a spawned child process.
+
+    Note: an uploaded program is validated as data at upload, but it is only ever *loaded*
+    outside the API process (the worker's child loader, or here), so a program that crashes
+    or hangs torch takes down a disposable child, never the API.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    # not a daemon: the program loader starts a child of its own (crash isolation), which a
+    # daemonic process may not do; the child is killed below if it does not answer in time
+    proc = ctx.Process(target=_plan_child, args=(config.model_dump_json(), send))
+    proc.start()
+    send.close()
+    try:
+        outcome = receive.recv() if receive.poll(timeout_s) else ("timeout", None)
+    except EOFError:  # the child died without answering
+        outcome = ("crash", f"exit code {proc.exitcode}")
+    finally:
+        receive.close()
+        proc.join(timeout=1)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    kind, value = outcome
+    if kind == "ok":
+        return dict(value)
+    if kind == "error":
+        message = str(value)
+        for path, name in names.items():
+            message = message.replace(path, name)
+        raise AppError(422, message)
+    log.warning("planning a program failed in its child process: %s %s", kind, value)
+    what = "did not finish in time" if kind == "timeout" else "crashed"
+    raise AppError(422, f"the model's program {what} while it was being planned; check that it runs")
+
+
 async def plan_for(
     session: Session, tenant: TenantRef, config: JobConfig, settings: Settings, store: ArtifactStore
 ) -> dict[str, Any]:
@@ -336,8 +396,9 @@ async def plan_for(
             "the server is building other plans; try again in a few seconds",
             headers={"Retry-After": "2"},
         )
+    builder = build_plan_in_child if prepared.model.program else build_plan
     async with sem:
-        return await run_in_threadpool(build_plan, prepared, names)
+        return await run_in_threadpool(builder, prepared, names)
 
 
 class PlanRead(BaseModel):

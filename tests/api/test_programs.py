@@ -241,3 +241,34 @@ def test_lorita_submit_uploads_a_local_program(service: tuple[TestClient, Caller
     assert program_id != program.name
     listed = client.get(f"/v1/models/{program_id}", headers=caller.headers).json()
     assert (listed["kind"], listed["filename"]) == ("program", program.name)
+
+
+def test_plan_of_a_program_is_built_in_a_child_process(
+    client: TestClient, alice: Caller, program: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``POST /v1/plan`` plans a program job, loading the program only in a spawned child."""
+    import api.operating_points as ops
+
+    def never_in_the_api(*_: Any) -> Any:
+        raise AssertionError("a program was planned inside the API process")
+
+    monkeypatch.setattr(ops, "build_plan", never_in_the_api)
+    program_id = post_program(client, alice, program).json()["id"]
+    resp = client.post("/v1/plan", headers=alice.headers, json=job_config(program_id))
+    assert resp.status_code == 200, resp.text
+    plan = resp.json()
+    assert [c["name"] for c in plan["composed"]] == ["fc1.weight", "fc2.weight"]
+    assert plan["params"] == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_a_program_plan_that_fails_in_its_child_names_no_server_path(tmp_path: Path) -> None:
+    from api.errors import AppError
+    from api.operating_points import build_plan_in_child
+    from core.config import JobConfig
+
+    missing = tmp_path / "stored" / "program.pt2"
+    config = JobConfig.model_validate(job_config(str(missing)))
+    with pytest.raises(AppError) as err:
+        build_plan_in_child(config, {str(missing): "model 0123"})
+    assert err.value.status_code == 422
+    assert str(tmp_path) not in err.value.message and "does not exist" in err.value.message
