@@ -368,8 +368,8 @@ def build_plan_in_child(
             proc.kill()
             proc.join(timeout=5)
     kind, value = outcome
-    if kind == "ok":
-        return dict(value)
+    if kind == "ok" and isinstance(value, dict):
+        return value
     if kind == "error":
         message = str(value)
         for path, name in names.items():
