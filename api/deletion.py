@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
+from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, StoreDep
 from api.errors import AppError
@@ -50,34 +53,56 @@ def _remove_files(store: ArtifactStore, prefix: str) -> None:
         log.warning("deleted row, but not its files under %s: %s", prefix, err)
 
 
+@dataclass(frozen=True)
+class _Upload:
+    """How to find, check, delete and locate the files of one kind of upload."""
+
+    kind: str
+    find: Callable[[Session, str, str], object | None]
+    users: Callable[[Session, str, str], list[str]]
+    delete: Callable[[Session, str, str], bool]
+    key: Callable[[str, str, str], str]
+
+
+_MODEL = _Upload(
+    "model", model_repo.get_for_tenant, deletion.active_jobs_using_model, deletion.delete_model, model_key
+)
+_DATASET = _Upload(
+    "dataset",
+    dataset_repo.get_for_tenant,
+    deletion.active_jobs_using_dataset,
+    deletion.delete_dataset,
+    dataset_key,
+)
+
+
+def _delete_upload(
+    upload: _Upload, object_id: str, session: Session, tenant_id: str, store: ArtifactStore
+) -> Response:
+    """404 unless the tenant's, 409 while an active job uses it; else the row (committed), then its files."""
+    if upload.find(session, tenant_id, object_id) is None:
+        raise AppError(404, f"{upload.kind} {object_id} not found")
+    users = upload.users(session, tenant_id, object_id)
+    if users:
+        raise _in_use(upload.kind, object_id, users)
+    upload.delete(session, tenant_id, object_id)
+    session.commit()
+    _remove_files(store, upload.key(tenant_id, object_id, "").rstrip("/"))
+    return Response(status_code=204)
+
+
 @router.delete(
     "/v1/models/{model_id}", status_code=204, summary="Delete an uploaded model", responses=_RESPONSES
 )
 def delete_model(model_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
-    if model_repo.get_for_tenant(session, tenant.id, model_id) is None:
-        raise AppError(404, f"model {model_id} not found")
-    users = deletion.active_jobs_using_model(session, tenant.id, model_id)
-    if users:
-        raise _in_use("model", model_id, users)
-    deletion.delete_model(session, tenant.id, model_id)
-    session.commit()
-    _remove_files(store, model_key(tenant.id, model_id, "").rstrip("/"))
-    return Response(status_code=204)
+    return _delete_upload(_MODEL, model_id, session, tenant.id, store)
 
 
 @router.delete(
     "/v1/datasets/{dataset_id}", status_code=204, summary="Delete an uploaded dataset", responses=_RESPONSES
 )
 def delete_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
-    if dataset_repo.get_for_tenant(session, tenant.id, dataset_id) is None:
-        raise AppError(404, f"dataset {dataset_id} not found")
-    users = deletion.active_jobs_using_dataset(session, tenant.id, dataset_id)
-    if users:
-        raise _in_use("dataset", dataset_id, users)
-    deletion.delete_dataset(session, tenant.id, dataset_id)
-    session.commit()
-    _remove_files(store, dataset_key(tenant.id, dataset_id, "").rstrip("/"))
-    return Response(status_code=204)
+    return _delete_upload(_DATASET, dataset_id, session, tenant.id, store)
 
 
 @router.delete(
