@@ -22,10 +22,12 @@ from typing import Any
 
 from celery import signals
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from store import lifecycle
 from store.db import session_scope
 from store.models import Job
+from store.outage import OutageGate
 from store.settings import get_settings
 from worker.celery_app import TASK_SWEEP, app
 from worker.dispatch import send_job
@@ -82,13 +84,26 @@ class SweeperThread(threading.Thread):
     def run(self) -> None:
         broker = BrokerWatch()
         chores = Housekeeper()
+        database = OutageGate("sweeper", log)
         while not self.stopped.wait(self.interval_s):
-            try:
-                # after a broker outage or restart, ids it lost are re-sent now, not after 120 s
-                sweep(queued_after_s=0.0 if broker.recovered() else None)
-            except Exception:  # a database hiccup must not kill the thread
-                log.exception("sweep failed")
-            chores.maybe_run()
+            self.sweep_once(broker, database)
+            if database.failures == 0:  # housekeeping needs the database too
+                chores.maybe_run()
+
+    @staticmethod
+    def sweep_once(broker: BrokerWatch, database: OutageGate) -> None:
+        """One pass; with the database down, one log line per outage (not a traceback a pass)."""
+        if not database.ready():
+            return
+        try:
+            # after a broker outage or restart, ids it lost are re-sent now, not after 120 s
+            sweep(queued_after_s=0.0 if broker.recovered() else None)
+        except DBAPIError as err:
+            database.failed(err)
+        except Exception:  # anything else must not kill the thread either
+            log.exception("sweep failed")
+        else:
+            database.succeeded()
 
     def stop(self) -> None:
         self.stopped.set()

@@ -69,3 +69,21 @@ def test_the_end_of_an_outage_is_logged_once_and_progress_resumes(
     assert len(messages) == 2 and "reachable again after 5 failed attempts" in messages[1]
     job = load_job(db_url, job_id)
     assert (job.stage, job.epoch, job.progress) == ("train", 5, 0.5)
+
+
+def test_the_sweeper_logs_a_database_outage_once_not_a_traceback_a_pass(
+    database: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.recovery import BrokerWatch
+    from worker.sweeper import SweeperThread
+
+    _use(database, DOWN_URL)
+    gate = OutageGate("sweeper", logging.getLogger("worker.sweeper"), first_delay=0.0)
+    with caplog.at_level(logging.DEBUG, logger="worker.sweeper"):
+        for _ in range(20):
+            SweeperThread.sweep_once(BrokerWatch(), gate)
+
+    records = [r for r in caplog.records if r.name == "worker.sweeper"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "unreachable" in records[0].getMessage() and records[0].exc_info is None
+    assert gate.failures == 20  # every pass tried (no backoff delay here) and failed quietly
