@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from store.artifacts import NO_SPACE_MESSAGE, open_artifact_store
+from store.artifacts import NO_SPACE_MESSAGE, job_key, open_artifact_store
 from store.db import session_scope
 from store.models import Artifact, Job
 from store.settings import get_settings
@@ -20,6 +20,11 @@ from tests.worker.conftest import job_row, submit, tiny_config
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.slow
+
+
+def job_folder(store_root: Path, job_id: str) -> Path:
+    """Where the local artifact store under ``store_root`` keeps the job's attempts."""
+    return store_root / job_key(job_row(job_id).tenant_id, job_id)
 
 
 def files_under(root: Path) -> list[str]:
@@ -51,8 +56,7 @@ def test_a_success_removes_the_folders_of_superseded_attempts(
     env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     job_id = submit(tiny_config())
-    tenant_id = job_row(job_id).tenant_id
-    job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
+    job_dir = job_folder(tmp_path / "artifacts", job_id)
     (job_dir / "a1").mkdir(parents=True)
     (job_dir / "a1" / "model.safetensors").write_bytes(b"from the attempt whose worker died")
     with session_scope() as session:  # attempt 1 ran and was requeued
@@ -120,8 +124,7 @@ def test_a_superseded_run_that_fails_leaves_the_newer_attempts_files_alone(
     from store import references
 
     job_id = submit(tiny_config())
-    tenant_id = job_row(job_id).tenant_id
-    job_dir = tmp_path / "artifacts" / "tenants" / tenant_id / "jobs" / job_id
+    job_dir = job_folder(tmp_path / "artifacts", job_id)
 
     def taken_over_then_failing(*args: Any, **kwargs: Any) -> Any:
         # meanwhile the lease expired and attempt 2 started on another worker, with its own files
