@@ -40,6 +40,16 @@ def _expire(db_url: str, job_id: str) -> None:
         )
 
 
+def _take_back(db_url: str, job_id: str, via: str) -> None:
+    """The expired job seen again by another worker's ``claim`` or the sweeper's
+    ``requeue_expired``: neither hands it out to run once more."""
+    with session_scope(db_url) as s:
+        if via == "claim":
+            assert lifecycle.claim(s, job_id, "w2", 60) is None
+        else:
+            assert lifecycle.requeue_expired(s) == []
+
+
 @pytest.mark.parametrize("via", ["claim", "requeue_expired"])
 def test_a_requested_cancel_wins_over_a_retry(db_url: str, tenant_id: str, via: str) -> None:
     job_id = make_job(db_url, tenant_id)
@@ -48,11 +58,7 @@ def test_a_requested_cancel_wins_over_a_retry(db_url: str, tenant_id: str, via: 
     _expire(db_url, job_id)
     with session_scope(db_url) as s:
         s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-    with session_scope(db_url) as s:
-        if via == "claim":
-            assert lifecycle.claim(s, job_id, "w2", 60) is None
-        else:
-            assert lifecycle.requeue_expired(s) == []
+    _take_back(db_url, job_id, via)
     job = load_job(db_url, job_id)
     assert (job.status, job.attempt, job.lease_expires_at) == (JobStatus.CANCELED, 1, None)
     assert job.finished_at is not None
@@ -64,11 +70,7 @@ def test_used_up_attempts_fail_with_the_same_message(db_url: str, tenant_id: str
     with session_scope(db_url) as s:
         assert lifecycle.claim(s, job_id, "w1", 60) == 1
     _expire(db_url, job_id)
-    with session_scope(db_url) as s:
-        if via == "claim":
-            assert lifecycle.claim(s, job_id, "w2", 60) is None
-        else:
-            assert lifecycle.requeue_expired(s) == []
+    _take_back(db_url, job_id, via)
     job = load_job(db_url, job_id)
     assert (job.status, job.error) == (
         JobStatus.FAILED,
