@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -77,6 +77,15 @@ async def get_session(request: Request, settings: SettingsDep) -> AsyncIterator[
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+# Retry-safe creation (jobs and derived jobs): the same key returns the same job, not a new one.
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Retry-safe submission: the same key returns the same job instead of a new one.",
+    ),
+]
 
 
 def get_artifact_store(request: Request) -> ArtifactStore:

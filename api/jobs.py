@@ -11,7 +11,15 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CurrentTenant, DispatcherDep, SessionDep, SettingsDep, StoreDep, TenantRef
+from api.deps import (
+    CurrentTenant,
+    DispatcherDep,
+    IdempotencyKey,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TenantRef,
+)
 from api.downloads import artifact_response
 from api.errors import AppError
 from api.job_checks import check_job_size
@@ -95,14 +103,7 @@ def create_job(
     tenant: CurrentTenant,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            max_length=200,
-            description="Retry-safe submission: the same key returns the same job instead of a new one.",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
     """The body is the job config (unknown fields are rejected). Uploaded models and datasets are
     referenced by id: ``"model": {"arch": "fcn", "weights": "<model id>"}``, ``"dataset": {"id": "<id>"}``.

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from api.deps import (
     CurrentTenant,
     DispatcherDep,
+    IdempotencyKey,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -569,10 +570,7 @@ def select_operating_point(
     tenant: CurrentTenant,
     settings: SettingsDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(alias="Idempotency-Key", max_length=200, description="The same key returns the same job."),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobRead:
     """Creates a job whose ``parent_id`` is ``job_id``: a worker reloads the parent's collapsed
     dense model, reruns the rank search with ``compress`` on the same validation split, and
