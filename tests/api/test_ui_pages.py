@@ -163,6 +163,21 @@ def test_pages_forbid_framing_and_outside_scripts(client: TestClient, alice: Cal
     assert client.get("/ui/static/app.js").status_code == 200
 
 
+def test_new_job_form_offers_the_latency_budget_policy_and_int8_export(
+    client: TestClient, alice: Caller
+) -> None:
+    sign_in(client, alice)
+
+    page = client.get("/ui/jobs/new").text
+
+    assert '<option value="latency_budget"' in page
+    for field in ("budget", "batch_size", "runtime", "max_evals"):  # shown when latency_budget is chosen
+        start = page.index(f'<label for="f-compress.{field}"')
+        assert "latency_budget" in page[page.rindex("data-policies=", 0, start) : start]
+    assert '<option value="onnxruntime"' in page and '<option value="torch"' in page
+    assert 'data-export="onnx_int8"' in page
+
+
 def test_use_this_point_posts_the_points_index_and_the_derived_job_takes_its_ranks(
     client: TestClient, alice: Caller, bob: Caller, session: Session
 ) -> None:

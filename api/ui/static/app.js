@@ -272,7 +272,8 @@ function setPath(obj, path, value) {
 
 const POLICY_FIELDS = {
   accuracy_budget: ["max_drop", "max_evals"], params_budget: ["budget", "max_evals"],
-  flops_budget: ["budget", "max_evals"], global: ["keep"], uniform: ["keep"], energy: ["energy"], none: [],
+  flops_budget: ["budget", "max_evals"], latency_budget: ["budget", "batch_size", "runtime", "max_evals"],
+  global: ["keep"], uniform: ["keep"], energy: ["energy"], none: [],
 };
 
 function buildConfig(form) {
@@ -297,8 +298,9 @@ function buildConfig(form) {
   }
   const policy = config.compress.policy;
   for (const f of POLICY_FIELDS[policy] || []) {
-    const v = form.querySelector(`[data-path="compress.${f}"]`).value.trim();
-    if (v !== "") config.compress[f] = Number(v);
+    const field = form.querySelector(`[data-path="compress.${f}"]`);
+    const v = field.value.trim();
+    if (v !== "") config.compress[f] = field.type === "number" ? Number(v) : v;
   }
   const ds = form.querySelector('[data-path="dataset.val_fraction"]').value.trim();
   if (ds !== "") config.dataset.val_fraction = Number(ds);
