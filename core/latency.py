@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from core.layers import empty_thin_pair, matrix_shape, saves_parameters
+from core.svt import probe_forward
 
 Runtime = Literal["onnxruntime", "torch"]
 Statistic = Literal["median", "min"]
@@ -357,17 +358,7 @@ def layer_input_shapes(
     for name, mod in model.named_modules():
         if name in wanted:
             hooks.append(mod.register_forward_pre_hook(make_hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    probe_forward(model, input_shape, hooks)
     return seen
 
 

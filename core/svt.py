@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,13 @@ def output_positions(model: nn.Module, names: Iterable[str], input_shape: tuple[
     for name, mod in model.named_modules():
         if name in wanted:
             hooks.append(mod.register_forward_hook(make_hook(name, mod)))
+    probe_forward(model, input_shape, hooks)
+    return seen
+
+
+def probe_forward(model: nn.Module, input_shape: Sequence[int], hooks: Sequence[Any]) -> None:
+    """One eval-mode forward pass of a zero sample on the model's device, for ``hooks`` to watch;
+    removes the hooks and restores the model's mode afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -95,7 +103,6 @@ def output_positions(model: nn.Module, names: Iterable[str], input_shape: tuple[
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return seen
 
 
 def compute_spectra(
