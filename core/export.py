@@ -17,7 +17,7 @@ import json
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,13 +575,23 @@ def export_all(
     diff = _safetensors_parity(cpu_model, out, example)
     _check_parity("safetensors", diff, reference)
     results["safetensors"] = _file_result(out / WEIGHTS_FILE, diff)
+    results.update(export_programs(cpu_model, example, reference, out, formats))
+    return results
 
+
+def export_programs(
+    cpu_model: nn.Module, example: torch.Tensor, reference: torch.Tensor, out: Path, formats: Iterable[str]
+) -> dict[str, dict[str, Any]]:
+    """``model.pt2`` and ``model.onnx`` (those of ``formats``), each checked for output parity
+    against ``reference`` (the model's output on ``example``); ``{format: file result}``."""
     exporters: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, Path], tuple[float, bool]]]] = {
         "pt2": (PT2_FILE, _export_pt2),
         "onnx": (ONNX_FILE, _export_onnx),
     }
+    wanted = set(formats)
+    results: dict[str, dict[str, Any]] = {}
     for fmt, (name, exporter) in exporters.items():
-        if fmt not in formats:
+        if fmt not in wanted:
             continue
         try:
             diff, dynamic = exporter(cpu_model, example, out / name)

@@ -29,7 +29,7 @@ import copy
 import fnmatch
 import math
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -526,16 +526,12 @@ def export_program(
     from safetensors.torch import load_file, save_file
 
     from core.export import (
-        ONNX_FILE,
-        PT2_FILE,
         WEIGHTS_FILE,
-        ExportError,
         _check_parity,
-        _export_onnx,
-        _export_pt2,
         _file_result,
         _reference,
         atomic_path,
+        export_programs,
         max_abs_diff,
     )
 
@@ -555,22 +551,7 @@ def export_program(
     diff = max_abs_diff(_reference(reloaded, example), reference)
     _check_parity("safetensors", diff, reference)
     results["safetensors"] = _file_result(out / WEIGHTS_FILE, diff)
-
-    exporters: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor, Path], tuple[float, bool]]]] = {
-        "pt2": (PT2_FILE, _export_pt2),
-        "onnx": (ONNX_FILE, _export_onnx),
-    }
-    for fmt, (name, exporter) in exporters.items():
-        if fmt not in formats:
-            continue
-        try:
-            diff, dynamic = exporter(cpu_model, example, out / name)
-        except ExportError:
-            raise
-        except Exception as err:
-            raise ExportError(f"{fmt} export failed: {type(err).__name__}: {err}") from err
-        _check_parity(fmt, diff, reference)
-        results[fmt] = {**_file_result(out / name, diff), "dynamic_batch": dynamic}
+    results.update(export_programs(cpu_model, example, reference, out, formats))
     return results
 
 
