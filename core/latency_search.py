@@ -38,7 +38,7 @@ from torch import nn
 from core import svt
 from core.latency import LatencyTable, Runtime, build_latency_table, measure_latency
 from core.rounding import round_ranks
-from core.search import BudgetError, EvaluatedPoint, Label, SearchResult
+from core.search import BudgetError, EvaluatedPoint, Evaluations, Label, SearchResult
 from core.svt import Ranks, Scores, Spectrum
 
 Evaluate = Callable[[Ranks], float]
@@ -129,61 +129,6 @@ class LatencyInfo:
         }
 
 
-@dataclass
-class _Book:
-    """Accuracy evaluations of adjusted ranks, cached, at most ``max_evals``."""
-
-    spectra: Mapping[str, Spectrum]
-    other_params: int
-    other_flops: int
-    evaluate: Evaluate
-    max_evals: int
-    points: list[EvaluatedPoint] = field(default_factory=list)
-    _cache: dict[tuple[int, ...], EvaluatedPoint] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        full = {k: sp.full_rank for k, sp in self.spectra.items()}
-        self.dense_params = svt.params_of(self.spectra, full, self.other_params)
-        self.dense_flops = svt.flops_of(self.spectra, full, self.other_flops)
-
-    def key(self, ranks: Mapping[str, int]) -> tuple[int, ...]:
-        eff = svt.effective_ranks(self.spectra, ranks)
-        return tuple(eff[k] for k in self.spectra)
-
-    @property
-    def left(self) -> int:
-        return self.max_evals - len(self.points)
-
-    def known(self, ranks: Mapping[str, int]) -> EvaluatedPoint | None:
-        return self._cache.get(self.key(ranks))
-
-    def point(self, ranks: Mapping[str, int], label: Label) -> EvaluatedPoint:
-        hit = self.known(ranks)
-        if hit is not None:
-            return hit
-        eff = svt.effective_ranks(self.spectra, ranks)
-        acc = float(self.evaluate(dict(eff)))
-        params = svt.params_of(self.spectra, eff, self.other_params)
-        flops = svt.flops_of(self.spectra, eff, self.other_flops)
-        p = EvaluatedPoint(
-            stage=label.stage,
-            ranks=eff,
-            params=params,
-            flops=flops,
-            params_fraction=params / self.dense_params if self.dense_params else 1.0,
-            flops_fraction=flops / self.dense_flops if self.dense_flops else 1.0,
-            val_accuracy=acc,
-            evaluation=len(self.points) + 1,
-            threshold=label.threshold,
-            step=label.step,
-            layer=label.layer,
-            weight=label.weight,
-        )
-        self._cache[self.key(eff)] = p
-        self.points.append(p)
-        return p
-
-
 def search_latency_budget(
     spectra: Mapping[str, Spectrum],
     other_params: int,
@@ -210,7 +155,7 @@ def search_latency_budget(
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    book = _Book(spectra, other_params, other_flops, evaluate, max(2, max_evals))
+    book = Evaluations(spectra, other_params, other_flops, evaluate, max(2, max_evals))
     info = LatencyInfo(
         budget=budget,
         runtime=table.runtime,
@@ -267,7 +212,7 @@ def search_latency_budget(
         if fit is None:
             break
         start_ranks, threshold = fit
-        if book.known(adjusted(start_ranks)) is None and book.left <= 0:
+        if book.known(adjusted(start_ranks)) is None and book.evaluations_remaining <= 0:
             break
         best = record(
             book.point(adjusted(start_ranks), Label("start", threshold=threshold, step=attempt)), limit
@@ -276,11 +221,11 @@ def search_latency_budget(
         weights = {k: 1.0 for k in spectra}
         order = sorted(spectra, key=lambda k: -spectra[k].dense_params())
         improved = True
-        while improved and book.left > reserve:
+        while improved and book.evaluations_remaining > reserve:
             improved = False
             for name in order:
                 for factor in (2.0, 0.5):
-                    if book.left <= reserve:
+                    if book.evaluations_remaining <= reserve:
                         break
                     trial_weights = {**weights, name: weights[name] * factor}
                     weighted = {k: v * trial_weights[k] for k, v in scores.items()}
@@ -358,7 +303,7 @@ def search_latency_budget(
 
 
 def _finish(
-    book: _Book, chosen: EvaluatedPoint, info: LatencyInfo, measured: tuple[float, float] | None
+    book: Evaluations, chosen: EvaluatedPoint, info: LatencyInfo, measured: tuple[float, float] | None
 ) -> tuple[SearchResult, LatencyInfo]:
     for p in book.points:
         p.chosen = p is chosen
@@ -488,8 +433,9 @@ def round_result(
     rounded = svt.effective_ranks(spectra, round_ranks(spectra, result.ranks, multiple))
     if rounded == svt.effective_ranks(spectra, result.ranks):
         return result
-    book = _Book(spectra, other_params, other_flops, evaluate, max_evals=len(result.points) + 1)
+    book = Evaluations(spectra, other_params, other_flops, evaluate, max_evals=len(result.points) + 1)
     book.points = list(result.points)
+    book.calls = len(book.points)
     for p in book.points:
         book._cache[book.key(p.ranks)] = p
     point = book.point(rounded, Label("rounded", step=multiple))

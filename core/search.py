@@ -117,7 +117,7 @@ def importance_for(policy: CompressConfig) -> Importance:
     return NormalizedSingularValues()
 
 
-def _probe(s: _Search) -> Callable[[Mapping[str, int], str], float | None]:
+def _probe(s: Evaluations) -> Callable[[Mapping[str, int], str], float | None]:
     """Evaluations for an allocation that measures (``measure``): through the search, counted."""
 
     def probe(ranks: Mapping[str, int], layer: str) -> float | None:
@@ -187,7 +187,7 @@ class SearchResult(NamedTuple):
 
 
 @dataclass
-class _Search:
+class Evaluations:
     """Evaluations with a cache by effective ranks, a budget of calls, and the Pareto points.
 
     ``judge`` (when set) decides ``within_budget`` of every new point.
@@ -353,7 +353,7 @@ def search_accuracy_budget(
     importance: Importance | None = None,
 ) -> SearchResult:
     """The smallest model whose validation accuracy is within the budget of the dense one's."""
-    s = _Search(spectra, other_params, other_flops, evaluate, max_evals)
+    s = Evaluations(spectra, other_params, other_flops, evaluate, max_evals)
     reference = s.reference()
     target = accuracy_target(reference.val_accuracy, max_drop, max_rel_drop)
 
@@ -430,7 +430,7 @@ def search_cost_budget(
     importance: Importance | None = None,
 ) -> SearchResult:
     """The most accurate setting found whose cost fits ``budget`` x the dense model's cost."""
-    s = _Search(spectra, other_params, other_flops, evaluate, max_evals)
+    s = Evaluations(spectra, other_params, other_flops, evaluate, max_evals)
     if isinstance(cost, Cost):
         measure = cost
     elif cost in ("params", "flops"):
@@ -506,7 +506,7 @@ def _fixed(
     other_flops: int,
     evaluate: Evaluate,
 ) -> SearchResult:
-    s = _Search(spectra, other_params, other_flops, evaluate, max_evals=2)
+    s = Evaluations(spectra, other_params, other_flops, evaluate, max_evals=2)
     s.reference()
     s.point(ranks, label)
     return s.finish(ranks)
