@@ -32,22 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.program.archive import ProgramArchive, ProgramError, TensorEntry, validate_archive
+from core.program.archive import DTYPE_NAMES, ProgramArchive, ProgramError, TensorEntry, validate_archive
 
 DEFAULT_TIMEOUT_S = 120.0
-
-_TORCH_DTYPES = {
-    1: "uint8",
-    2: "int8",
-    3: "int16",
-    4: "int32",
-    5: "int64",
-    6: "float16",
-    7: "float32",
-    8: "float64",
-    12: "bool",
-    13: "bfloat16",
-}
 
 
 @dataclass
@@ -72,7 +59,7 @@ def _tensors(zf: zipfile.ZipFile, entries: dict[str, TensorEntry]) -> dict[str, 
     bases: dict[tuple[str, int], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for fqn, e in entries.items():
-        dtype = getattr(torch, _TORCH_DTYPES[e.dtype])
+        dtype = getattr(torch, DTYPE_NAMES[e.dtype])
         key = (e.member, e.dtype)
         if key not in bases:
             raw = bytearray(zf.read(e.member))
