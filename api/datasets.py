@@ -17,7 +17,7 @@ from api.archives import (
     inspect_image_folder,
 )
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.errors import AppError
+from api.errors import AppError, not_found
 from api.limits import Offset
 from api.quotas import check_upload
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
@@ -204,5 +204,5 @@ def list_datasets(
 def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> Dataset:
     record = dataset_repo.get_for_tenant(session, tenant.id, dataset_id)
     if record is None:
-        raise AppError(404, f"dataset {dataset_id} not found")
+        raise not_found("dataset", dataset_id)
     return record

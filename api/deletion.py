@@ -19,7 +19,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, SessionDep, StoreDep
-from api.errors import AppError
+from api.errors import AppError, not_found
 from store import deletion
 from store.artifacts import ArtifactStore, ArtifactStoreError, dataset_key, job_key, model_key
 from store.quotas import ACTIVE
@@ -81,7 +81,7 @@ def _delete_upload(
 ) -> Response:
     """404 unless the tenant's, 409 while an active job uses it; else the row (committed), then its files."""
     if upload.find(session, tenant_id, object_id) is None:
-        raise AppError(404, f"{upload.kind} {object_id} not found")
+        raise not_found(upload.kind, object_id)
     users = upload.users(session, tenant_id, object_id)
     if users:
         raise _in_use(upload.kind, object_id, users)
@@ -114,7 +114,7 @@ def delete_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant, 
 def delete_job(job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
     job = job_repo.get_for_tenant(session, tenant.id, job_id)
     if job is None:
-        raise AppError(404, f"job {job_id} not found")
+        raise not_found("job", job_id)
     if job.status in ACTIVE:
         raise AppError(
             409,

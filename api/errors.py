@@ -40,6 +40,19 @@ class AppError(StarletteHTTPException):
         return str(self.detail)
 
 
+SHOWN_ID_CHARS = 64
+
+
+def not_found(kind: str, object_id: str) -> AppError:
+    """404 naming the id the client sent, cut short when it is too long to be one of ours."""
+    shown = (
+        object_id
+        if len(object_id) <= SHOWN_ID_CHARS
+        else f"{object_id[:16]}... ({len(object_id)} characters)"
+    )
+    return AppError(404, f"{kind} {shown} not found")
+
+
 def format_request_errors(errors: Sequence[Any]) -> str:
     """Readable one-line text for FastAPI validation errors (same style as core.config)."""
     from core.config import POLICIES

@@ -21,7 +21,7 @@ from api.deps import (
     TenantRef,
 )
 from api.downloads import artifact_response
-from api.errors import AppError
+from api.errors import AppError, not_found
 from api.job_checks import check_job_size
 from api.limits import MAX_QUERY_INT, Offset
 from api.quotas import check_submit
@@ -85,7 +85,7 @@ def result_summary(result: Result) -> ResultSummary:
 def _job_or_404(session: Session, tenant: TenantRef, job_id: str) -> Job:
     job = job_repo.get_for_tenant(session, tenant.id, job_id)
     if job is None:
-        raise AppError(404, f"job {job_id} not found")
+        raise not_found("job", job_id)
     return job
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.errors import AppError
+from api.errors import AppError, not_found
 from api.limits import Offset
 from api.quotas import check_upload
 from api.schemas import ModelRead, ModelsRead
@@ -184,5 +184,5 @@ def list_models(
 def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> ModelRecord:
     record = model_repo.get_for_tenant(session, tenant.id, model_id)
     if record is None:
-        raise AppError(404, f"model {model_id} not found")
+        raise not_found("model", model_id)
     return record

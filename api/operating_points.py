@@ -40,7 +40,7 @@ from api.deps import (
     get_current_tenant,
     get_session,
 )
-from api.errors import AppError
+from api.errors import AppError, not_found
 from api.job_checks import check_job_size
 from api.jobs import job_read, resolve_references
 from api.quotas import check_submit
@@ -250,7 +250,7 @@ async def stream_job(
     event with the status. A stream lasts at most 15 minutes, then sends ``reconnect``."""
     # answer 404 now, as a status code, rather than as an event after a 200
     if await reader.poll(tenant.id, job_id, MAX_EVENT_ID) is None:
-        raise AppError(404, f"job {job_id} not found")
+        raise not_found("job", job_id)
     start = last_event_id(last_event_id_header, after_id)
     return event_stream_response(job_events(reader, tenant.id, job_id, after_id=start))
 
@@ -509,7 +509,7 @@ def create_derived_job(
     """Insert the derived job of ``parent_id`` (not committed); (job, created)."""
     parent = job_repo.get_for_tenant(session, tenant.id, parent_id)
     if parent is None:
-        raise AppError(404, f"job {parent_id} not found")
+        raise not_found("job", parent_id)
     if parent.status != JobStatus.SUCCEEDED:
         raise AppError(
             409,

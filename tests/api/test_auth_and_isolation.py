@@ -122,3 +122,25 @@ def test_only_the_key_hash_is_stored(session: Session, alice: Caller) -> None:
 
     assert alice.key.startswith("lrt_") and record.prefix == alice.key[:8]
     assert record.key_hash == api_keys.hash_key(alice.key) and alice.key not in record.key_hash
+
+
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [
+        *ID_ROUTES,
+        ("DELETE", "/v1/jobs/{job}"),
+        ("DELETE", "/v1/models/{model}"),
+        ("DELETE", "/v1/datasets/{dataset}"),
+    ],
+)
+def test_a_404_names_a_long_id_without_echoing_all_of_it(
+    client: TestClient, alice: Caller, method: str, route: str
+) -> None:
+    long_id = "z" * 3000
+    url = route.format(model=long_id, dataset=long_id, job=long_id)
+
+    resp = client.request(method, url, headers=alice.headers)
+
+    assert resp.status_code == 404
+    detail = resp.json()["detail"]
+    assert "not found" in detail and "(3000 characters)" in detail and len(detail) < 120
