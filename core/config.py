@@ -356,7 +356,12 @@ class FinetuneConfig(_Strict):
         description="Learn from the dense (collapsed) model's soft outputs as well as the labels: "
         "loss = (1 - alpha) CE + alpha T^2 KL(teacher || student). Off when null.",
     )
-    lr: float | None = Field(default=None, gt=0.0, description="Defaults to a tenth of the training lr.")
+    lr: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Defaults to the training lr (lr rewinding: recovers aggressive truncations far "
+        "better than a tenth of it); 1e-3 when compressing given weights.",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] | None = None
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     patience: int = Field(default=3, ge=1, description="Stop after this many epochs without val improvement.")
