@@ -599,7 +599,8 @@ def compare_inits(args: argparse.Namespace) -> int:
             "`core.pipeline.select` to the same dense model: `params_budget` at "
             + ", ".join(f"{100 * b:g}%" for b in budgets)
             + f" and `accuracy_budget` max_drop {MAX_DROP} (all decided on validation, max_evals 20), "
-            f"without and with {args.finetune_epochs} epochs of fine-tuning (Adam, lr = train lr / 10, "
+            f"without and with {args.finetune_epochs} epochs of fine-tuning (Adam, lr = the job's default, "
+            "the training lr; before 2026-11-29 a tenth of it, "
             "keep-the-better on validation)." + kd_note + " Accuracies in %, test split evaluated once "
             "per model.",
             "",
