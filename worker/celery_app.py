@@ -4,7 +4,8 @@ Broker choice
 -------------
 * ``LORITA_BROKER_URL=redis://...`` (or any Celery broker URL): the distributed deployment.
 * unset: the embedded mode. Messages go through kombu's ``filesystem://`` transport in
-  ``LORITA_BROKER_DIR`` (default ``./var/broker``). It needs no server and no extra package,
+  ``LORITA_BROKER_DIR`` (default ``./var/broker``), as ``worker.fs_broker`` (alias
+  ``lorita-fs://``) which publishes each message atomically. It needs no server and no extra package,
   a message is consumed by an atomic ``rename`` so two consumers never get the same one, and it
   keeps the broker away from the SQLite file that holds the jobs (kombu's SQLAlchemy transport
   would poll that database from every process and fight the API for SQLite's single writer
@@ -25,6 +26,7 @@ from typing import Any
 from celery import Celery
 
 from store.settings import Settings, get_settings
+from worker import fs_broker
 
 TASK_RUN_JOB = "lorita.run_job"
 TASK_SWEEP = "lorita.sweep"
@@ -77,7 +79,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         },
     }
     if url is None:
-        conf["broker_url"] = "filesystem://"
+        conf["broker_url"] = f"{fs_broker.ALIAS}://"
         conf["broker_transport_options"] = _filesystem_transport_options(Path(settings.broker_dir).resolve())
         conf["worker_enable_remote_control"] = False
     else:
