@@ -20,7 +20,7 @@ from typing import Any
 
 from cli.client import ClientError, LoritaClient
 from cli.output import fail
-from cli.processes import stop_process_group
+from cli.processes import Supervisor
 from core.progress import Progress, Stage
 from store.settings import QUEUES
 from store.status import JobStatus
@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         return fail(f"--workers {args.workers}: give 1 or more API processes")
     with_worker = embedded if args.worker is None else args.worker
-    worker_proc = spawn_worker("gpu,cpu", args.concurrency) if with_worker else None
+    worker = Supervisor(lambda: spawn_worker("gpu,cpu", args.concurrency)) if with_worker else None
     if embedded:
         print(
             f"lorita: embedded mode (database {settings.database_url}, local broker, "
@@ -86,8 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=args.access_log,
         )
     finally:
-        if worker_proc is not None:
-            stop_process_group(worker_proc, timeout=20.0)
+        if worker is not None:
+            worker.stop(timeout=20.0)
     return 0
 
 
