@@ -25,6 +25,7 @@ from typing import IO
 CHUNK_BYTES = 1024 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_SIZES_KEPT = 3  # distinct image sizes recorded for a dataset (two already mean "set image_size")
 _IGNORED_PARTS = ("__MACOSX",)
 _IGNORED_NAMES = (".DS_Store", "Thumbs.db")
 
@@ -88,6 +89,12 @@ class _Budget:
         self.limits = limits
         self.files = 0
         self.bytes = 0
+        self.sizes: dict[str, str] = {}  # "WxH" -> the first image of that size (a few kept)
+
+    def saw(self, size: tuple[int, int], name: str) -> None:
+        key = f"{size[0]}x{size[1]}"
+        if key not in self.sizes and len(self.sizes) < MAX_SIZES_KEPT:
+            self.sizes[key] = name
 
     def declare(self, name: str, size: int) -> None:
         if size < 0 or size > self.limits.max_image_bytes:
@@ -188,7 +195,7 @@ def _extract_zip(src: Path, root: Path, budget: _Budget) -> None:
             target = _target(root, parts)
             with zf.open(info) as member:
                 _write_member(member, target, info.file_size, budget, info.filename)
-            check_image(target, "/".join(parts), limits.max_image_pixels)
+            budget.saw(check_image(target, "/".join(parts), limits.max_image_pixels), "/".join(parts))
 
 
 def _tar_entry(member: tarfile.TarInfo) -> tuple[str, ...] | None:
@@ -245,11 +252,20 @@ def _extract_tar(src: Path, root: Path, budget: _Budget) -> None:
                 raise ArchiveError(f"archive entry {member.name!r} cannot be read")
             with fileobj:
                 _write_member(fileobj, target, member.size, budget, member.name)
-            check_image(target, "/".join(parts), budget.limits.max_image_pixels)
+            budget.saw(check_image(target, "/".join(parts), budget.limits.max_image_pixels), "/".join(parts))
 
 
-def extract_archive(src: Path, dest: Path, *, kind: str, limits: ArchiveLimits) -> int:
-    """Extract the images of ``src`` into the empty folder ``dest``; returns how many were written.
+@dataclass(frozen=True)
+class Extracted:
+    files: int
+    # up to MAX_SIZES_KEPT distinct image sizes, each with the first image that has it:
+    # [{"size": "32x32", "example": "train/cat/1.png"}, ...]; more than one needs dataset.image_size
+    sizes: list[dict[str, str]]
+
+
+def extract_archive(src: Path, dest: Path, *, kind: str, limits: ArchiveLimits) -> Extracted:
+    """Extract the images of ``src`` into the empty folder ``dest``; says how many were written and
+    which image sizes were seen.
 
     The entry count, every name and link type, and the declared sizes are checked before anything
     is written; the bytes written are counted against the declared sizes and the cap, and each
@@ -276,7 +292,7 @@ def extract_archive(src: Path, dest: Path, *, kind: str, limits: ArchiveLimits) 
             f"the archive cannot be read ({err.strerror or type(err).__name__}); "
             "upload a complete .zip, .tar or .tar.gz"
         ) from None
-    return budget.files
+    return Extracted(budget.files, [{"size": k, "example": v} for k, v in budget.sizes.items()])
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def _store_image_folder(
 ) -> tuple[Dataset, str]:
     extracted = scratch / "extracted"
     try:
-        extract_archive(upload, extracted, kind=kind, limits=archive_limits(settings))
+        found = extract_archive(upload, extracted, kind=kind, limits=archive_limits(settings))
         info = inspect_image_folder(extracted)
     except ArchiveError as err:
         raise AppError(422, f"rejected archive: {err}") from None
@@ -135,6 +135,7 @@ def _store_image_folder(
         input_shape=list(info.input_shape),
         n_train=info.n_train,
         n_test=info.n_test,
+        image_sizes=found.sizes,
     )
     return record, key
 

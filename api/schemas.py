@@ -38,12 +38,22 @@ class ModelsRead(BaseModel):
     count: int
 
 
+class ImageSizeRead(BaseModel):
+    size: str = Field(description="Width x height in pixels, e.g. '32x32'.")
+    example: str = Field(description="The first image of this size in the archive.")
+
+
 class DatasetRead(_Read):
     id: str
     name: str
     kind: str = Field(description="'npz' or 'imagefolder'.")
     num_classes: int
-    input_shape: list[int]
+    input_shape: list[int] = Field(description="An ImageFolder's: 3 x the first image's height x width.")
+    image_sizes: list[ImageSizeRead] | None = Field(
+        default=None,
+        description="ImageFolder: the distinct image sizes found (at most 3 listed). More than one: a job "
+        "must set dataset.image_size, which resizes them all.",
+    )
     n_train: int
     n_test: int = Field(description="Held-out test samples (a flat ImageFolder tree keeps 20% aside).")
     size_bytes: int = Field(description="Size of the uploaded file.")

@@ -153,6 +153,9 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     location: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # ImageFolder: the distinct image sizes seen at upload (a few), [{"size": "WxH", "example": name}];
+    # None for .npz files and for archives uploaded before migration 0003
+    image_sizes: Mapped[list[Any] | None] = mapped_column(default=None)
 
 
 class Job(Base):

@@ -228,3 +228,53 @@ def test_files_that_are_not_images_are_not_kept(
 
     assert resp.status_code == 201, resp.text
     assert sorted(p.name for p in store_files(settings)) == ["0.png", "0.png"]
+
+
+def _pets_zip(sizes: dict[str, tuple[int, int]]) -> bytes:
+    """cat/ and dog/ images, 4 each; ``sizes`` maps a class to the size of its images."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls, size in sizes.items():
+            for i in range(4):
+                img = io.BytesIO()
+                Image.new("RGB", size, (40 * i, 0, 0)).save(img, format="PNG")
+                zf.writestr(f"{cls}/{i}.png", img.getvalue())
+    return buf.getvalue()
+
+
+JOB_ON = {"model": {"arch": "fcn", "options": {"depth": 2, "width": 8}}, "train": {"epochs": 1}}
+
+
+def test_images_of_different_sizes_need_image_size_and_the_submit_says_so(
+    client: TestClient, alice: Caller
+) -> None:
+    resp = post_file(client, alice, "pets.zip", _pets_zip({"cat": (8, 6), "dog": (5, 5)}))
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["image_sizes"] == [
+        {"size": "8x6", "example": "cat/0.png"},
+        {"size": "5x5", "example": "dog/0.png"},
+    ]
+
+    refused = client.post("/v1/jobs", headers=alice.headers, json=JOB_ON | {"dataset": {"id": body["id"]}})
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert (
+        detail.startswith("dataset.image_size: ") and "8x6 (e.g. cat/0.png); 5x5 (e.g. dog/0.png)" in detail
+    )
+    assert client.get("/v1/jobs", headers=alice.headers).json()["count"] == 0  # nothing queued
+
+    sized = JOB_ON | {"dataset": {"id": body["id"], "image_size": 8}}
+    accepted = client.post("/v1/jobs", headers=alice.headers, json=sized)
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_images_of_one_size_need_nothing_more(client: TestClient, alice: Caller) -> None:
+    resp = post_file(client, alice, "pets.zip", _pets_zip({"cat": (7, 7), "dog": (7, 7)}))
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["image_sizes"] == [{"size": "7x7", "example": "cat/0.png"}]
+    assert resp.json()["input_shape"] == [3, 7, 7]
+    accepted = client.post(
+        "/v1/jobs", headers=alice.headers, json=JOB_ON | {"dataset": {"id": resp.json()["id"]}}
+    )
+    assert accepted.status_code == 202, accepted.text
