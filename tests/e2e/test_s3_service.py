@@ -5,10 +5,12 @@ finds in the bucket, and the client downloads verified files streamed from S3 th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import redis
 
 from cli.demo import create_key, lorita, running_service, service_env, start, stop
 from tests.e2e.test_service import FCN, make_npz, make_weights, wait_for
+from tests.store.gate import Gate
 from tests.store.s3_server import S3Server
 from tests.worker.conftest import create_pg_database, drop_pg_database
 
@@ -35,8 +38,11 @@ def files_under(root: Path) -> list[str]:
     )
 
 
-@pytest.fixture
-def s3_service(tmp_path: Path, s3: S3Server) -> Iterator[tuple[str, str, dict[str, str], Path]]:
+@contextlib.contextmanager
+def _service(
+    tmp_path: Path, s3: S3Server, endpoint: str, **extra: str
+) -> Iterator[tuple[str, str, dict[str, str], Path]]:
+    """``lorita serve`` (API only) on its own PostgreSQL database, Redis and the bucket at ``endpoint``."""
     name = f"lorita_s3e2e_{uuid.uuid4().hex[:8]}"
     db_url = create_pg_database(name)
     redis.Redis.from_url(REDIS_URL).flushdb()
@@ -50,7 +56,7 @@ def s3_service(tmp_path: Path, s3: S3Server) -> Iterator[tuple[str, str, dict[st
         LORITA_LEASE_SECONDS="6",
         LORITA_SWEEP_INTERVAL="2",
         OMP_NUM_THREADS="1",
-        **s3.env,
+        **(s3.env | {"AWS_ENDPOINT_URL": endpoint} | extra),
     )
     (tmp_path / "api").mkdir()
     try:
@@ -59,6 +65,21 @@ def s3_service(tmp_path: Path, s3: S3Server) -> Iterator[tuple[str, str, dict[st
     finally:
         drop_pg_database(name)
         redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture
+def s3_service(tmp_path: Path, s3: S3Server) -> Iterator[tuple[str, str, dict[str, str], Path]]:
+    with _service(tmp_path, s3, s3.endpoint) as service:
+        yield service
+
+
+@pytest.fixture
+def gate(s3: S3Server) -> Iterator[Gate]:
+    gate = Gate(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        yield gate
+    finally:
+        gate.close()
 
 
 def start_worker(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
@@ -139,3 +160,74 @@ def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
     assert files_under(root / "machine-b" / "work" / "jobs") == []
     for home in ("machine-a", "machine-b"):
         assert not (root / home / "never-used").exists()
+
+
+def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
+    tmp_path: Path, s3: S3Server, gate: Gate
+) -> None:
+    """The bucket becomes unreachable while a job trains (its checkpoints go there), for longer than
+    a lease. Meanwhile an upload is a 503 that keeps nothing and the job's status still answers;
+    the worker gives its attempts back instead of failing the job. When the bucket is back, the
+    job succeeds exactly once and its files download intact."""
+    with _service(tmp_path, s3, gate.endpoint, AWS_MAX_ATTEMPTS="2") as (url, key, env, root):
+        npz = make_npz(root / "blobs.npz", n_train=6000)
+        weights = make_weights(root / "fcn.safetensors")
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        with weights.open("rb") as f:
+            model = client.post(
+                "/v1/models",
+                data={"arch": "fcn", "num_classes": "4", "input_shape": "16", "options": json.dumps(FCN)},
+                files={"file": ("fcn.safetensors", f)},
+            )
+        with npz.open("rb") as f:
+            dataset = client.post("/v1/datasets", files={"file": ("blobs.npz", f)})
+        assert model.status_code == 201 and dataset.status_code == 201, (model.text, dataset.text)
+        config = {
+            "model": {"arch": "fcn", "weights": model.json()["id"]},
+            "dataset": {"id": dataset.json()["id"]},
+            "train": {"factors": 2, "epochs": 8, "batch_size": 32},
+            "compress": {"policy": "global", "keep": 0.5},
+            "measure": {"latency": False},
+            "export": ["safetensors", "onnx"],
+            "device": "cpu",
+        }
+        worker = start_worker(env, root / "machine-a")
+        try:
+            resp = client.post("/v1/jobs", json=config)
+            assert resp.status_code == 202, resp.text
+            job_id = resp.json()["id"]
+            wait_for(
+                client, job_id, lambda j: j["status"] == "running" and (j["epoch"] or 0) >= 2, timeout=240
+            )
+
+            gate.down()
+            with npz.open("rb") as f:
+                refused = client.post("/v1/datasets", files={"file": ("again.npz", f)})
+            assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
+            assert refused.json()["detail"] == "the artifact store is unavailable right now; try again shortly"
+            assert client.get("/v1/datasets").json()["count"] == 1  # nothing kept
+            during = client.get(f"/v1/jobs/{job_id}").json()
+            assert during["status"] in ("running", "queued"), during
+            time.sleep(15)  # longer than a lease (6 s): the sweeper gets involved while the bucket is gone
+            still = client.get(f"/v1/jobs/{job_id}").json()
+            assert still["status"] in ("running", "queued"), still  # not failed for the store's outage
+            gate.up()
+
+            job = wait_for(
+                client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=300
+            )
+            assert job["status"] == "succeeded" and job["attempt"] >= 2, (job["error"], job["attempt"])
+            listing = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+            for item in listing:
+                got = client.get(f"/v1/jobs/{job_id}/artifacts/{item['name']}")
+                assert got.status_code == 200
+                assert hashlib.sha256(got.content).hexdigest() == item["sha256"]
+        finally:
+            stop(worker)
+            client.close()
+    assert {"model.safetensors", "model.onnx", "report.json"} <= {i["name"] for i in listing}
+    log = (root / "machine-a" / "worker.log").read_text()
+    assert "S3 artifact store unavailable" in log and "it will be retried" in log
+    job_keys = [k for k in s3.keys() if "/jobs/" in k]  # noqa: SIM118 - a method, not a dict
+    attempt = job["attempt"]
+    assert job_keys and all(f"/jobs/{job_id}/a{attempt}/" in k for k in job_keys)  # one attempt's files
