@@ -3,8 +3,10 @@ and ``lorita serve`` alone in the embedded mode (SQLite + the local broker)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
@@ -278,3 +280,65 @@ def test_embedded_mode_runs_a_job_with_nothing_but_lorita_serve(tmp_path: Path) 
     accuracy = reloaded_test_accuracy(tmp_path / "out", config)
     assert accuracy == pytest.approx(report["accuracy"]["test"]["after"], abs=1e-6)
     assert (tmp_path / "var" / "lorita.db").exists() and (tmp_path / "var" / "broker").is_dir()
+
+
+def _worker_group_leaders(workdir: Path) -> list[int]:
+    """Pids of ``lorita worker`` processes started in ``workdir`` that lead their own process group
+    (the child ``lorita serve`` starts; its Celery pool processes share its group)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = (proc / "cwd").resolve()
+        except OSError:
+            continue
+        pid = int(proc.name)
+        if b"cli.main" in cmdline and b"worker" in cmdline and cwd == workdir.resolve():
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == pid:
+                    found.append(pid)
+    return found
+
+
+def test_serve_restarts_its_worker_when_it_dies_and_jobs_still_run(tmp_path: Path) -> None:
+    env = service_env(tmp_path, OMP_NUM_THREADS="1")
+    config = tmp_path / "job.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"arch": "fcn", "options": FCN},
+                "dataset": {"name": "digits"},
+                "train": {"factors": 2, "epochs": 1, "batch_size": 64},
+                "compress": {"policy": "global", "keep": 0.5},
+                **FAST,
+            }
+        )
+    )
+    with running_service(tmp_path, env) as url:
+        key = create_key(env, tmp_path)
+        deadline = time.monotonic() + 60
+        while not (first := _worker_group_leaders(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(first) == 1, first
+        os.killpg(first[0], signal.SIGKILL)  # the worker and its pool, as the OOM killer would
+        while (
+            not (second := [p for p in _worker_group_leaders(tmp_path) if p != first[0]])
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert len(second) == 1, second
+        done = subprocess.run(
+            lorita(
+                "submit", str(config), "--url", url, "--key", key, "--out", str(tmp_path / "out"), "--quiet"
+            ),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "the worker exited with code -9; starting another" in (tmp_path / "serve.log").read_text()
