@@ -204,7 +204,9 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
             with npz.open("rb") as f:
                 refused = client.post("/v1/datasets", files={"file": ("again.npz", f)})
             assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
-            assert refused.json()["detail"] == "the artifact store is unavailable right now; try again shortly"
+            assert (
+                refused.json()["detail"] == "the artifact store is unavailable right now; try again shortly"
+            )
             assert client.get("/v1/datasets").json()["count"] == 1  # nothing kept
             during = client.get(f"/v1/jobs/{job_id}").json()
             assert during["status"] in ("running", "queued"), during
