@@ -66,8 +66,9 @@ class ModelConfig(_Strict):
     )
     from_scratch: bool = Field(
         default=False,
-        description="Programs only: re-initialize the program's weights and train from scratch "
-        "(default: LoRITa starts from the program's weights, an exact factorization).",
+        description="Programs only: re-initialize the program's weights and train from scratch, the "
+        "factors starting as train.init says (default: LoRITa starts from the program's weights, an "
+        "exact factorization).",
     )
     num_classes: int | None = Field(
         default=None, ge=2, le=100_000, description="Defaults to the dataset's class count."
@@ -192,7 +193,8 @@ class TrainConfig(_Strict):
         "initialized independently as the layer's own initialization would (the product starts small, "
         "with a decaying spectrum, as in the paper's code); it truncates far better at aggressive budgets "
         "(benchmarks/results/reproduce_fcn_inits.md). 'preserve': the product equals the layer's default "
-        "init, square factors orthogonal. Ignored when model.weights are given (exact factorization).",
+        "init, square factors orthogonal. Ignored when model.weights are given, or a program without "
+        "from_scratch (exact factorization).",
     )
     include: list[Annotated[str, Field(max_length=200)]] = Field(
         default_factory=list,

@@ -282,6 +282,19 @@ def _set_factors(originals: list[nn.Parameter], n_factors: int, groups: list[lis
                 dest.copy_(value.reshape(dest.shape))
 
 
+def _paper_init(
+    originals: list[nn.Parameter],
+    initial: torch.Tensor,
+    n_factors: int,
+    kind: str,
+    generator: torch.Generator,
+) -> None:
+    """Set a composed weight's factors as :func:`_paper_factors` (a packed q/k/v weight per block)."""
+    blocks = initial.chunk(3, dim=0) if kind == "attention_in" else (initial,)
+    groups = [_paper_factors(b.reshape(b.shape[0], -1), n_factors, kind, generator) for b in blocks]
+    _set_factors(originals, n_factors, groups)
+
+
 def apply_lorita(
     model: nn.Module,
     n_factors: int,
@@ -327,9 +340,7 @@ def apply_lorita(
         if init in ("scratch", "preserve"):
             _scratch_init(param, _originals(mod, t.param), generator)
         elif init == "paper":
-            blocks = initial.chunk(3, dim=0) if t.kind == "attention_in" else (initial,)
-            groups = [_paper_factors(b.reshape(b.shape[0], -1), n_factors, t.kind, generator) for b in blocks]
-            _set_factors(_originals(mod, t.param), n_factors, groups)
+            _paper_init(_originals(mod, t.param), initial, n_factors, t.kind, generator)
     return targets
 
 

@@ -44,6 +44,7 @@ from core.lorita import (
     WeightTarget,
     _factor_parametrization,
     _originals,
+    _paper_init,
     _scratch_init,
 )
 from core.program.archive import ProgramError
@@ -290,12 +291,15 @@ def apply_program_lorita(
 
     ``init="weights"``: an exact balanced factorization of the program's weights (the function
     is unchanged). ``init="scratch"``: call :func:`reinitialize` first; the product equals the
-    fresh weights and the square factors are random orthogonal matrices.
+    fresh weights and the square factors are random orthogonal matrices (``train.init``
+    'preserve'). ``init="paper"``: call :func:`reinitialize` first; the first factor is the fresh
+    weight and each square a fresh default init of its own (``train.init`` 'paper', as for the
+    built-in architectures).
     """
     if n_factors < 2:
         return []
-    if init not in ("weights", "scratch"):
-        raise ValueError(f"init must be 'weights' or 'scratch', got {init!r}")
+    if init not in ("weights", "scratch", "paper"):
+        raise ValueError(f"init must be 'weights', 'scratch' or 'paper', got {init!r}")
     targets = [t for t in program_targets(model, include, exclude) if t.eligible]
     generator = torch.Generator().manual_seed(seed)
     for t in targets:
@@ -306,9 +310,12 @@ def apply_program_lorita(
         param = _factor_parametrization(t, n_factors)
         if not hasattr(owner, _ORDER_ATTR):
             setattr(owner, _ORDER_ATTR, list(owner._parameters))
+        initial = weight.detach().clone()
         parametrize.register_parametrization(owner, t.param, param)
         if init == "scratch":
             _scratch_init(param, _originals(owner, t.param), generator)
+        elif init == "paper":
+            _paper_init(_originals(owner, t.param), initial, n_factors, t.kind, generator)
     return targets
 
 

@@ -99,15 +99,14 @@ def compose(
     """:func:`core.lorita.apply_lorita`, for programs too.
 
     A program starts from its own weights (an exact balanced factorization) unless
-    ``from_scratch``: then :func:`core.program.graph.reinitialize` gives it fresh weights and
-    the squares start orthogonal with the product equal to that init ('preserve').
+    ``from_scratch``: then :func:`core.program.graph.reinitialize` gives it fresh weights and the
+    factors start as ``init`` says ('paper' or 'preserve', as for the built-in architectures).
     """
     if isinstance(model, ProgramModel):
         if from_scratch:
             reinitialize(model, seed)
-        return apply_program_lorita(
-            model, factors, include, exclude, init="scratch" if from_scratch else "weights", seed=seed
-        )
+        program_init = ("paper" if init == "paper" else "scratch") if from_scratch else "weights"
+        return apply_program_lorita(model, factors, include, exclude, init=program_init, seed=seed)
     from core.lorita import apply_lorita
 
     return apply_lorita(model, factors, include, exclude, init=init, seed=seed, layer_space=layer_space)

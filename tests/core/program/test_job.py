@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -87,3 +88,34 @@ def test_from_scratch_reinitializes_the_program(program: Path) -> None:
     compose(model, 2, (), (), init="preserve", seed=0, from_scratch=True)
     collapse(model)
     assert not torch.allclose(model.program.get_parameter("fc1.weight"), before)
+
+
+def test_from_scratch_follows_train_init_paper_as_the_built_in_architectures_do(program: Path) -> None:
+    from core.lorita import _originals
+    from core.program.graph import reinitialize
+
+    fresh = load_program_model(program, "small.pt2", (64,), 10, isolate=False)
+    reinitialize(fresh, seed=4)
+    fresh_weight = fresh.program.get_parameter("fc1.weight").detach().clone()  # (32, 64)
+
+    model = load_program_model(program, "small.pt2", (64,), 10, isolate=False)
+    compose(model, 3, (), (), init="paper", seed=4, from_scratch=True)
+    owner = model.program.get_submodule("fc1")
+    full, *squares = (p.detach() for p in _originals(owner, "weight"))
+    torch.testing.assert_close(full, fresh_weight)  # the first factor is the layer's own fresh init
+    assert [tuple(s.shape) for s in squares] == [(32, 32)] * 2 and not torch.allclose(squares[0], squares[1])
+    for sq in squares:  # each square as a fresh 32 -> 32 Linear: U(-1/sqrt(32), 1/sqrt(32))
+        assert float(sq.abs().max()) <= 32**-0.5 + 1e-7
+        assert abs(float(sq.var()) - 1 / (3 * 32)) < 0.15 / (3 * 32)
+    product = cast(torch.Tensor, owner.weight).detach()
+    torch.testing.assert_close(product, squares[1] @ squares[0] @ full, atol=1e-6, rtol=1e-5)
+    assert float(product.norm()) < 0.5 * float(fresh_weight.norm())  # starts small, as in the paper
+
+    preserved = load_program_model(program, "small.pt2", (64,), 10, isolate=False)
+    compose(preserved, 3, (), (), init="preserve", seed=4, from_scratch=True)
+    torch.testing.assert_close(
+        cast(torch.Tensor, preserved.program.get_submodule("fc1").weight).detach(),
+        fresh_weight,
+        atol=1e-5,
+        rtol=1e-4,
+    )
