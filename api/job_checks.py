@@ -59,11 +59,12 @@ def data_shape(session: Session, tenant_id: str, config: JobConfig) -> DataShape
         if record.kind == "imagefolder" and ds.image_size is not None:
             shape = (3, ds.image_size, ds.image_size)
         elif record.kind == "imagefolder" and len(record.image_sizes or []) > 1:
-            seen = "; ".join(f"{s['size']} (e.g. {s['example']})" for s in record.image_sizes or [])
+            # one clause, no "; ": the page splits a message into fields at "; "
+            seen = " and ".join(f"{s['size']} like {s['example']}" for s in record.image_sizes or [])
             raise AppError(
                 422,
-                f"dataset.image_size: dataset {record.id} holds images of different sizes ({seen}); "
-                "set dataset.image_size (e.g. 32) to resize them all to one square size",
+                f"dataset.image_size: dataset {record.id} holds images of different sizes ({seen}), "
+                "so set dataset.image_size (e.g. 32) to resize them all to one square size",
             )
         from core.data import MIN_TRAIN_SAMPLES  # core.data imports torch: not at the API's start
 

@@ -260,7 +260,7 @@ def test_images_of_different_sizes_need_image_size_and_the_submit_says_so(
     assert refused.status_code == 422, refused.text
     detail = refused.json()["detail"]
     assert (
-        detail.startswith("dataset.image_size: ") and "8x6 (e.g. cat/0.png); 5x5 (e.g. dog/0.png)" in detail
+        detail.startswith("dataset.image_size: ") and "(8x6 like cat/0.png and 5x5 like dog/0.png)" in detail
     )
     assert client.get("/v1/jobs", headers=alice.headers).json()["count"] == 0  # nothing queued
 

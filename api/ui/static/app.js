@@ -246,6 +246,9 @@ function uploadForms() {
         if (xhr.status === 201) {
           bar.value = 1;
           out.textContent = `Uploaded ${body.name} (id ${body.id}, sha256 ${body.sha256.slice(0, 12)}…).`;
+          if ((body.image_sizes || []).length > 1) {
+            out.textContent += ` Its images differ in size (${body.image_sizes.map((s) => s.size).join(", ")}): set an image size below.`;
+          }
           const select = document.getElementById(form.dataset.kind === "models" ? "f-model.weights" : "f-dataset");
           const value = form.dataset.kind === "models" ? body.id : "upload:" + body.id;
           const label = form.dataset.kind === "models" ? `${body.name} (${body.arch || "program"})` : `${body.name} (uploaded, ${body.num_classes} classes)`;
