@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -113,7 +114,12 @@ def sign_in(driver: Any, url: str, key: str) -> None:
     wait(driver, lambda d: "/ui/login" in d.current_url, what="the sign-in page")
     driver.find_element(By.ID, "api_key").send_keys(key)
     driver.find_element(By.CSS_SELECTOR, "form[action='/ui/login'] button[type=submit]").click()
-    wait(driver, lambda d: d.current_url.endswith("/ui/jobs"), what="the jobs page after signing in")
+    # the path, not the URL's end: the sign-in page's own URL ends with "?next=/ui/jobs"
+    wait(
+        driver,
+        lambda d: urlsplit(d.current_url).path == "/ui/jobs" and d.get_cookie("lorita_session"),
+        what="the jobs page after signing in",
+    )
 
 
 def make_npz(path: Path, n_train: int = 400, n_test: int = 120, dim: int = 16, classes: int = 4) -> Path:
@@ -404,3 +410,40 @@ def test_another_tenant_cannot_see_or_open_the_job_and_forged_requests_are_refus
     with api(service, service.key_a) as client:
         after = client.get("/v1/jobs", params={"limit": 100}).json()["count"]
     assert after == before  # nothing forged created a job
+
+
+def test_an_archive_of_mixed_image_sizes_asks_for_an_image_size(
+    service: Service, browser: Any, shots: Path, tmp_path: Path
+) -> None:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for cls, size in (("cat", (8, 6)), ("dog", (5, 5))):
+            for i in range(4):
+                png = io.BytesIO()
+                Image.new("RGB", size, (60 * i, 0, 0)).save(png, format="PNG")
+                zf.writestr(f"{cls}/{i}.png", png.getvalue())
+    driver = browser
+    sign_in(driver, service.url, service.key_a)
+    driver.get(f"{service.url}/ui/jobs/new")
+    driver.find_element(By.ID, "ud-file").send_keys(str(archive))
+    driver.find_element(By.CSS_SELECTOR, "#upload-dataset button[type=submit]").click()
+    result = driver.find_element(By.CSS_SELECTOR, "#upload-dataset .upload-result")
+    wait(driver, lambda d: result.text.startswith("Uploaded"), what="the archive upload")
+    assert "differ in size (8x6, 5x5): set an image size below" in result.text
+    set_field(driver, "model.options", json.dumps({"depth": 2, "width": 16}))
+
+    driver.find_element(By.ID, "plan-button").click()  # the dry run checks the config as a submit does
+    error = driver.find_element(By.ID, "err-dataset.image_size")
+    wait(driver, lambda d: error.is_displayed(), what="the error next to the image size")
+    assert "holds images of different sizes (8x6 like cat/0.png and 5x5 like dog/0.png)" in error.text
+    shot(driver, shots, "10-image-size-needed")
+
+    set_field(driver, "dataset.image_size", "8")
+    driver.find_element(By.ID, "plan-button").click()
+    wait(driver, lambda d: d.find_elements(By.ID, "plan-table"), what="the plan")
+    assert not error.is_displayed()
