@@ -94,13 +94,11 @@ def start_worker(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
     return start(lorita("worker", "--queue", "cpu"), own, home, log)
 
 
-def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
-    s3_service: tuple[str, str, dict[str, str], Path], s3: S3Server
-) -> None:
-    url, key, env, root = s3_service
+def upload_and_config(client: httpx.Client, root: Path) -> dict[str, object]:
+    """Upload an FCN's weights and a 6,000-sample .npz; the config of a job that trains on them
+    long enough (8 epochs, N=2) to be interrupted."""
     npz = make_npz(root / "blobs.npz", n_train=6000)
     weights = make_weights(root / "fcn.safetensors")
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
     with weights.open("rb") as f:
         model = client.post(
             "/v1/models",
@@ -110,7 +108,7 @@ def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
     with npz.open("rb") as f:
         dataset = client.post("/v1/datasets", files={"file": ("blobs.npz", f)})
     assert model.status_code == 201 and dataset.status_code == 201, (model.text, dataset.text)
-    config = {
+    return {
         "model": {"arch": "fcn", "weights": model.json()["id"]},
         "dataset": {"id": dataset.json()["id"]},
         "train": {"factors": 2, "epochs": 8, "batch_size": 32},
@@ -119,6 +117,14 @@ def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
         "export": ["safetensors", "onnx"],
         "device": "cpu",
     }
+
+
+def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
+    s3_service: tuple[str, str, dict[str, str], Path], s3: S3Server
+) -> None:
+    url, key, env, root = s3_service
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    config = upload_and_config(client, root)
     first = start_worker(env, root / "machine-a")
     second = None
     try:
@@ -170,27 +176,8 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
     the worker gives its attempts back instead of failing the job. When the bucket is back, the
     job succeeds exactly once and its files download intact."""
     with _service(tmp_path, s3, gate.endpoint, AWS_MAX_ATTEMPTS="2") as (url, key, env, root):
-        npz = make_npz(root / "blobs.npz", n_train=6000)
-        weights = make_weights(root / "fcn.safetensors")
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        with weights.open("rb") as f:
-            model = client.post(
-                "/v1/models",
-                data={"arch": "fcn", "num_classes": "4", "input_shape": "16", "options": json.dumps(FCN)},
-                files={"file": ("fcn.safetensors", f)},
-            )
-        with npz.open("rb") as f:
-            dataset = client.post("/v1/datasets", files={"file": ("blobs.npz", f)})
-        assert model.status_code == 201 and dataset.status_code == 201, (model.text, dataset.text)
-        config = {
-            "model": {"arch": "fcn", "weights": model.json()["id"]},
-            "dataset": {"id": dataset.json()["id"]},
-            "train": {"factors": 2, "epochs": 8, "batch_size": 32},
-            "compress": {"policy": "global", "keep": 0.5},
-            "measure": {"latency": False},
-            "export": ["safetensors", "onnx"],
-            "device": "cpu",
-        }
+        config = upload_and_config(client, root)
         worker = start_worker(env, root / "machine-a")
         try:
             resp = client.post("/v1/jobs", json=config)
@@ -201,7 +188,7 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
             )
 
             gate.down()
-            with npz.open("rb") as f:
+            with (root / "blobs.npz").open("rb") as f:
                 refused = client.post("/v1/datasets", files={"file": ("again.npz", f)})
             assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
             assert (

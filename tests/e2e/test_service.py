@@ -248,33 +248,42 @@ def test_cancel_running_job_then_worker_takes_the_next(service: Service) -> None
     assert count_rows(service.db_url, Result, long_id) == 0
 
 
+def digits_job_file(folder: Path, epochs: int) -> Path:
+    """A small LoRITa job on the built-in digits, written to ``folder/job.json`` for ``lorita submit``."""
+    config = folder / "job.json"
+    job = {
+        "model": {"arch": "fcn", "options": FCN},
+        "dataset": {"name": "digits"},
+        "train": {"factors": 2, "epochs": epochs, "batch_size": 64},
+        "compress": {"policy": "global", "keep": 0.5},
+        **FAST,
+    }
+    config.write_text(json.dumps(job))
+    return config
+
+
+def submit_and_download(
+    config: Path, url: str, key: str, env: dict[str, str], folder: Path
+) -> subprocess.CompletedProcess[str]:
+    """``lorita submit CONFIG --out folder/out``, which must succeed."""
+    done = subprocess.run(
+        lorita("submit", str(config), "--url", url, "--key", key, "--out", str(folder / "out"), "--quiet"),
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_embedded_mode_runs_a_job_with_nothing_but_lorita_serve(tmp_path: Path) -> None:
     env = service_env(tmp_path, OMP_NUM_THREADS="1")
-    config = tmp_path / "job.json"
-    config.write_text(
-        json.dumps(
-            {
-                "model": {"arch": "fcn", "options": FCN},
-                "dataset": {"name": "digits"},
-                "train": {"factors": 2, "epochs": 2, "batch_size": 64},
-                "compress": {"policy": "global", "keep": 0.5},
-                **FAST,
-            }
-        )
-    )
+    config = digits_job_file(tmp_path, epochs=2)
     with running_service(tmp_path, env) as url:
         key = create_key(env, tmp_path)
-        done = subprocess.run(
-            lorita(
-                "submit", str(config), "--url", url, "--key", key, "--out", str(tmp_path / "out"), "--quiet"
-            ),
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert done.returncode == 0, done.stderr
+        done = submit_and_download(config, url, key, env, tmp_path)
     assert "test accuracy" in done.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     accuracy = reloaded_test_accuracy(tmp_path / "out", config)
@@ -304,18 +313,7 @@ def _worker_group_leaders(workdir: Path) -> list[int]:
 
 def test_serve_restarts_its_worker_when_it_dies_and_jobs_still_run(tmp_path: Path) -> None:
     env = service_env(tmp_path, OMP_NUM_THREADS="1")
-    config = tmp_path / "job.json"
-    config.write_text(
-        json.dumps(
-            {
-                "model": {"arch": "fcn", "options": FCN},
-                "dataset": {"name": "digits"},
-                "train": {"factors": 2, "epochs": 1, "batch_size": 64},
-                "compress": {"policy": "global", "keep": 0.5},
-                **FAST,
-            }
-        )
-    )
+    config = digits_job_file(tmp_path, epochs=1)
     with running_service(tmp_path, env) as url:
         key = create_key(env, tmp_path)
         deadline = time.monotonic() + 60
@@ -329,16 +327,6 @@ def test_serve_restarts_its_worker_when_it_dies_and_jobs_still_run(tmp_path: Pat
         ):
             time.sleep(0.2)
         assert len(second) == 1, second
-        done = subprocess.run(
-            lorita(
-                "submit", str(config), "--url", url, "--key", key, "--out", str(tmp_path / "out"), "--quiet"
-            ),
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert done.returncode == 0, done.stderr
+        submit_and_download(config, url, key, env, tmp_path)
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert "the worker exited with code -9; starting another" in (tmp_path / "serve.log").read_text()
