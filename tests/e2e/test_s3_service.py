@@ -94,9 +94,9 @@ def start_worker(env: dict[str, str], home: Path) -> subprocess.Popen[bytes]:
     return start(lorita("worker", "--queue", "cpu"), own, home, log)
 
 
-def upload_and_config(client: httpx.Client, root: Path) -> dict[str, object]:
+def upload_and_config(client: httpx.Client, root: Path, epochs: int) -> dict[str, object]:
     """Upload an FCN's weights and a 6,000-sample .npz; the config of a job that trains on them
-    long enough (8 epochs, N=2) to be interrupted."""
+    (N=2) for ``epochs`` epochs."""
     npz = make_npz(root / "blobs.npz", n_train=6000)
     weights = make_weights(root / "fcn.safetensors")
     with weights.open("rb") as f:
@@ -111,7 +111,7 @@ def upload_and_config(client: httpx.Client, root: Path) -> dict[str, object]:
     return {
         "model": {"arch": "fcn", "weights": model.json()["id"]},
         "dataset": {"id": dataset.json()["id"]},
-        "train": {"factors": 2, "epochs": 8, "batch_size": 32},
+        "train": {"factors": 2, "epochs": epochs, "batch_size": 32},
         "compress": {"policy": "global", "keep": 0.5},
         "measure": {"latency": False},
         "export": ["safetensors", "onnx"],
@@ -124,7 +124,7 @@ def test_two_workers_with_separate_folders_share_a_job_through_the_bucket(
 ) -> None:
     url, key, env, root = s3_service
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    config = upload_and_config(client, root)
+    config = upload_and_config(client, root, epochs=20)  # ~0.1 s an epoch: time to be killed mid-way
     first = start_worker(env, root / "machine-a")
     second = None
     try:
@@ -177,14 +177,15 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
     job succeeds exactly once and its files download intact."""
     with _service(tmp_path, s3, gate.endpoint, AWS_MAX_ATTEMPTS="2") as (url, key, env, root):
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-        config = upload_and_config(client, root)
+        # an epoch takes about 0.1 s here: 60 of them outlast the poll that sees the first one
+        config = upload_and_config(client, root, epochs=60)
         worker = start_worker(env, root / "machine-a")
         try:
             resp = client.post("/v1/jobs", json=config)
             assert resp.status_code == 202, resp.text
             job_id = resp.json()["id"]
             wait_for(
-                client, job_id, lambda j: j["status"] == "running" and (j["epoch"] or 0) >= 2, timeout=240
+                client, job_id, lambda j: j["status"] == "running" and (j["epoch"] or 0) >= 1, timeout=240
             )
 
             gate.down()
