@@ -30,22 +30,29 @@ from store.status import JobStatus
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the parent dies, even by SIGKILL (Linux only)."""
-    os.setsid()
+    """Get SIGTERM when the parent dies, even by SIGKILL (Linux only; elsewhere a no-op).
+
+    Called by the child itself at its start (``lorita worker --die-with-parent``), not as a
+    ``preexec_fn``: ``serve`` restarts its worker from a thread, and Python code between fork
+    and exec in a threaded process can deadlock on a lock another thread held at the fork.
+    """
+    parent = os.getppid()
     with contextlib.suppress(Exception):
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def spawn_worker(
     queues: str, concurrency: int = 1, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``lorita worker`` as a child in its own process group."""
+    """Start ``lorita worker`` as a child in its own process group, stopped when this process dies."""
     cmd = [sys.executable, "-m", "cli.main", "worker", "--queue", queues, "--concurrency", str(concurrency)]
-    return subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    return subprocess.Popen([*cmd, "--die-with-parent"], env=env, start_new_session=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -113,6 +120,9 @@ def parse_queues(value: str | None) -> list[str]:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from store.settings import SettingsError, load_settings
+
+    if args.die_with_parent:
+        _die_with_parent()
 
     try:
         load_settings()
@@ -407,6 +417,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--die-with-parent", action="store_true", help=argparse.SUPPRESS)  # lorita serve's child
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("db", help="Database administration.")

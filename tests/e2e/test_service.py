@@ -23,7 +23,17 @@ import redis
 import torch
 from sqlalchemy import create_engine, func, select
 
-from cli.demo import create_key, lorita, reloaded_test_accuracy, running_service, service_env, start, stop
+from cli.demo import (
+    create_key,
+    free_port,
+    lorita,
+    reloaded_test_accuracy,
+    running_service,
+    service_env,
+    start,
+    stop,
+    wait_healthy,
+)
 from store.models import Artifact, Result
 from tests.worker.conftest import create_pg_database, drop_pg_database
 
@@ -330,3 +340,35 @@ def test_serve_restarts_its_worker_when_it_dies_and_jobs_still_run(tmp_path: Pat
         submit_and_download(config, url, key, env, tmp_path)
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert "the worker exited with code -9; starting another" in (tmp_path / "serve.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_the_worker_child_stops_when_serve_is_killed(tmp_path: Path) -> None:
+    env = service_env(tmp_path, OMP_NUM_THREADS="1")
+    port = free_port()
+    with (tmp_path / "serve.log").open("ab") as log:
+        serve = start(lorita("serve", "--port", str(port)), env, tmp_path, log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", serve)
+        deadline = time.monotonic() + 60
+        while not (workers := _worker_group_leaders(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) == 1, workers
+        serve.kill()  # SIGKILL: no shutdown code runs in serve
+        serve.wait()
+        deadline = time.monotonic() + 60
+        while _alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(workers[0]), "the worker outlived lorita serve"
+    finally:
+        stop(serve)
+        for pid in _worker_group_leaders(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
