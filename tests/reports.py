@@ -19,6 +19,20 @@ TINY_JOB: dict[str, Any] = {
 }
 
 
+# a job with a searched Pareto curve (accuracy_budget), for the select / ranks / plan tests
+SEARCH_JOB: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"arch": "fcn", "options": {"depth": 3, "width": 32}},
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "train": {"factors": 2, "epochs": 5, "lr": 0.01, "weight_decay": 2e-4, "batch_size": 64},
+    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 10},
+    "finetune": {"epochs": 0},
+    "measure": {"latency": False},
+    "export": ["safetensors"],
+    "device": "cpu",
+}
+
+
 def run_tiny_job(out_dir: Path) -> JobReport:
     """Run :data:`TINY_JOB` into ``out_dir`` (a few seconds on one CPU core)."""
     from core.config import parse_config

@@ -10,27 +10,11 @@ import pytest
 from cli.main import main
 from core import search
 from core.config import ConfigError, parse_config
-from core.pipeline import run_job, select
+from core.pipeline import select
 from core.report import JobReport, read_report
+from tests.reports import SEARCH_JOB
 
-JOB: dict[str, Any] = {
-    "name": "tiny",
-    "model": {"arch": "fcn", "options": {"depth": 3, "width": 32}},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "train": {"factors": 2, "epochs": 3, "lr": 0.01, "weight_decay": 2e-4, "batch_size": 64},
-    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 8},
-    "finetune": {"epochs": 0},
-    "measure": {"latency": False},
-    "export": ["safetensors"],
-    "device": "cpu",
-}
-
-
-@pytest.fixture(scope="module")
-def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("job")
-    run_job(parse_config(JOB), out)
-    return out
+JOB = SEARCH_JOB
 
 
 def _other_point(report: JobReport) -> int:
@@ -41,18 +25,18 @@ def _other_point(report: JobReport) -> int:
     raise AssertionError("the search evaluated no other compressed point")
 
 
-def test_every_pareto_point_carries_its_ranks(job_dir: Path) -> None:
-    report = read_report(job_dir)
+def test_every_pareto_point_carries_its_ranks(search_job_dir: Path) -> None:
+    report = read_report(search_job_dir)
     layers = {name for name, row in report.ranks.items() if row.full_rank > 0}
     for p in report.pareto:
         assert p.ranks and set(p.ranks) <= layers
 
 
-def test_select_with_a_points_ranks_lands_exactly_on_that_point(job_dir: Path, tmp_path: Path) -> None:
-    job = read_report(job_dir)
+def test_select_with_a_points_ranks_lands_exactly_on_that_point(search_job_dir: Path, tmp_path: Path) -> None:
+    job = read_report(search_job_dir)
     index = _other_point(job)
     clicked = job.pareto[index]
-    again = select(job_dir, {"policy": "ranks", "ranks": dict(clicked.ranks)}, tmp_path / "point")
+    again = select(search_job_dir, {"policy": "ranks", "ranks": dict(clicked.ranks)}, tmp_path / "point")
     chosen = again.chosen
     assert chosen is not None
     assert (chosen.params, chosen.flops, chosen.val_accuracy) == (
@@ -67,36 +51,40 @@ def test_select_with_a_points_ranks_lands_exactly_on_that_point(job_dir: Path, t
     assert again.pareto[0].val_accuracy == job.pareto[0].val_accuracy
 
 
-def test_lorita_select_point_flag(job_dir: Path, tmp_path: Path) -> None:
-    job = read_report(job_dir)
+def test_lorita_select_point_flag(search_job_dir: Path, tmp_path: Path) -> None:
+    job = read_report(search_job_dir)
     index = _other_point(job)
     out = tmp_path / "cli"
-    assert main(["select", str(job_dir), "--point", str(index), "--out", str(out), "--quiet"]) == 0
+    assert main(["select", str(search_job_dir), "--point", str(index), "--out", str(out), "--quiet"]) == 0
     chosen = read_report(out).chosen
     assert chosen is not None and chosen.ranks == job.pareto[index].ranks
     assert chosen.val_accuracy == job.pareto[index].val_accuracy
 
 
 def test_lorita_select_point_out_of_range_is_a_message(
-    job_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    search_job_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    n = len(read_report(job_dir).pareto)
-    assert main(["select", str(job_dir), "--point", str(n), "--out", str(tmp_path / "x"), "--quiet"]) != 0
+    n = len(read_report(search_job_dir).pareto)
+    assert (
+        main(["select", str(search_job_dir), "--point", str(n), "--out", str(tmp_path / "x"), "--quiet"]) != 0
+    )
     assert f"Pareto points 0..{n - 1}" in capsys.readouterr().err
 
 
-def test_select_with_an_unknown_layer_names_it_and_the_valid_layers(job_dir: Path, tmp_path: Path) -> None:
-    job = read_report(job_dir)
+def test_select_with_an_unknown_layer_names_it_and_the_valid_layers(
+    search_job_dir: Path, tmp_path: Path
+) -> None:
+    job = read_report(search_job_dir)
     layer = next(iter(job.pareto[0].ranks))
     with pytest.raises(ConfigError, match=r"no truncatable layer named 'nope'.*" + layer.replace(".", r"\.")):
-        select(job_dir, {"policy": "ranks", "ranks": {"nope": 2}}, tmp_path / "bad")
+        select(search_job_dir, {"policy": "ranks", "ranks": {"nope": 2}}, tmp_path / "bad")
 
 
-def test_select_with_a_rank_above_full_names_the_range(job_dir: Path, tmp_path: Path) -> None:
-    job = read_report(job_dir)
+def test_select_with_a_rank_above_full_names_the_range(search_job_dir: Path, tmp_path: Path) -> None:
+    job = read_report(search_job_dir)
     layer, full = next(iter(job.pareto[0].ranks.items()))
     with pytest.raises(ConfigError, match=rf"'{layer}' is {full + 1}, valid 1\.\.{full}"):
-        select(job_dir, {"policy": "ranks", "ranks": {layer: full + 1}}, tmp_path / "bad")
+        select(search_job_dir, {"policy": "ranks", "ranks": {layer: full + 1}}, tmp_path / "bad")
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,25 +15,9 @@ from cli.main import main
 from core.config import parse_config
 from core.pipeline import run_job, select
 from core.report import JobReport, read_report
+from tests.reports import SEARCH_JOB
 
-JOB: dict[str, Any] = {
-    "name": "tiny",
-    "model": {"arch": "fcn", "options": {"depth": 3, "width": 32}},
-    "dataset": {"name": "digits", "val_fraction": 0.2},
-    "train": {"factors": 2, "epochs": 5, "lr": 0.01, "weight_decay": 2e-4, "batch_size": 64},
-    "compress": {"policy": "accuracy_budget", "max_drop": 0.02, "max_evals": 10},
-    "finetune": {"epochs": 0},
-    "measure": {"latency": False},
-    "export": ["safetensors"],
-    "device": "cpu",
-}
-
-
-@pytest.fixture(scope="module")
-def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("job")
-    run_job(parse_config(JOB), out)
-    return out
+JOB = SEARCH_JOB
 
 
 def _report(path: Path) -> JobReport:
@@ -50,20 +34,20 @@ def _figures(r: JobReport) -> dict[str, Any]:
     }
 
 
-def test_job_writes_plots_and_lists_them(job_dir: Path) -> None:
-    report = _report(job_dir)
+def test_job_writes_plots_and_lists_them(search_job_dir: Path) -> None:
+    report = _report(search_job_dir)
     for name in ("pareto", "spectra"):
-        file = job_dir / report.plots[name].file
+        file = search_job_dir / report.plots[name].file
         assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(p.chosen for p in report.pareto) == 1
 
 
-def test_select_with_the_jobs_budget_reproduces_its_figures(job_dir: Path, tmp_path: Path) -> None:
-    again = select(job_dir, JOB["compress"], tmp_path / "same")
-    assert _figures(again) == _figures(_report(job_dir))
+def test_select_with_the_jobs_budget_reproduces_its_figures(search_job_dir: Path, tmp_path: Path) -> None:
+    again = select(search_job_dir, JOB["compress"], tmp_path / "same")
+    assert _figures(again) == _figures(_report(search_job_dir))
 
 
-def test_select_another_budget_gives_a_consistent_model(job_dir: Path, tmp_path: Path) -> None:
+def test_select_another_budget_gives_a_consistent_model(search_job_dir: Path, tmp_path: Path) -> None:
     from core.config import DatasetConfig
     from core.data import load_data
     from core.export import load_model
@@ -71,15 +55,27 @@ def test_select_another_budget_gives_a_consistent_model(job_dir: Path, tmp_path:
 
     out = tmp_path / "p30"
     assert (
-        main(["select", str(job_dir), "--params", "0.3", "--max-evals", "4", "--out", str(out), "--quiet"])
+        main(
+            [
+                "select",
+                str(search_job_dir),
+                "--params",
+                "0.3",
+                "--max-evals",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
         == 0
     )
     report = _report(out)
-    job = _report(job_dir)
+    job = _report(search_job_dir)
     assert report.ranks != job.ranks
     assert report.params.after <= 0.3 * report.params.before
     assert report.policy == "params_budget"
-    assert report.selected_from == str(job_dir)
+    assert report.selected_from == str(search_job_dir)
     assert report.training == job.training  # what the job's training did, carried over
     # the reloaded artifact scores what its report says (same validation split: same seed)
     model = load_model(out)
@@ -89,9 +85,9 @@ def test_select_another_budget_gives_a_consistent_model(job_dir: Path, tmp_path:
     assert (out / "pareto.png").is_file() and (out / "dense" / "model.safetensors").is_file()
 
 
-def test_select_default_directory_is_named_after_the_budget(job_dir: Path) -> None:
-    assert main(["select", str(job_dir), "--flops", "0.5", "--max-evals", "3", "--quiet"]) == 0
-    assert (job_dir / "select-flops-0.5" / "report.json").is_file()
+def test_select_default_directory_is_named_after_the_budget(search_job_dir: Path) -> None:
+    assert main(["select", str(search_job_dir), "--flops", "0.5", "--max-evals", "3", "--quiet"]) == 0
+    assert (search_job_dir / "select-flops-0.5" / "report.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -105,9 +101,9 @@ def test_select_default_directory_is_named_after_the_budget(job_dir: Path) -> No
     ],
 )
 def test_bad_input_is_an_error_message_not_a_traceback(
-    job_dir: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    search_job_dir: Path, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main([a.replace("{job}", str(job_dir)) for a in argv])
+    code = main([a.replace("{job}", str(search_job_dir)) for a in argv])
     err = capsys.readouterr().err
     assert code != 0
     assert "error:" in err and message in err
