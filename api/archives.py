@@ -91,8 +91,11 @@ class _Budget:
         self.bytes = 0
         self.sizes: dict[str, str] = {}  # "WxH" -> the first image of that size (a few kept)
 
-    def saw(self, size: tuple[int, int], name: str) -> None:
-        key = f"{size[0]}x{size[1]}"
+    def check_image(self, path: Path, parts: tuple[str, ...]) -> None:
+        """:func:`check_image` on an image just written, and note its size."""
+        name = "/".join(parts)
+        width, height = check_image(path, name, self.limits.max_image_pixels)
+        key = f"{width}x{height}"
         if key not in self.sizes and len(self.sizes) < MAX_SIZES_KEPT:
             self.sizes[key] = name
 
@@ -195,7 +198,7 @@ def _extract_zip(src: Path, root: Path, budget: _Budget) -> None:
             target = _target(root, parts)
             with zf.open(info) as member:
                 _write_member(member, target, info.file_size, budget, info.filename)
-            budget.saw(check_image(target, "/".join(parts), limits.max_image_pixels), "/".join(parts))
+            budget.check_image(target, parts)
 
 
 def _tar_entry(member: tarfile.TarInfo) -> tuple[str, ...] | None:
@@ -252,7 +255,7 @@ def _extract_tar(src: Path, root: Path, budget: _Budget) -> None:
                 raise ArchiveError(f"archive entry {member.name!r} cannot be read")
             with fileobj:
                 _write_member(fileobj, target, member.size, budget, member.name)
-            budget.saw(check_image(target, "/".join(parts), budget.limits.max_image_pixels), "/".join(parts))
+            budget.check_image(target, parts)
 
 
 @dataclass(frozen=True)
