@@ -17,6 +17,7 @@ from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import install_metrics
+from api.quotas import EarlyUploadQuota
 from store.artifacts import get_artifact_store
 from store.logging import configure_logging
 from store.settings import Settings, get_settings
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.artifact_store = get_artifact_store(settings)
     install_error_handlers(app)
     install_store_error_handlers(app)
+    # inside the size cap: the quota query runs only for a body the server would accept at all
+    app.add_middleware(EarlyUploadQuota, framing_bytes=MULTIPART_SLACK_BYTES)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,

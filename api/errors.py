@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 log = logging.getLogger("lorita.api")
 
@@ -38,6 +40,15 @@ class AppError(StarletteHTTPException):
     @property
     def message(self) -> str:
         return str(self.detail)
+
+
+async def send_app_error(send: Send, err: AppError) -> None:
+    """Answer ``err`` as ``{"detail": "..."}`` from an ASGI middleware (outside the handlers)."""
+    body = json.dumps({"detail": err.detail}).encode()
+    headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 SHOWN_ID_CHARS = 64

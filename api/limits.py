@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import Query
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import AppError
+from api.errors import AppError, send_app_error
 from api.uploads import too_large
 
 # The largest value of a PostgreSQL INTEGER (event ids, counts): a query integer past it would
@@ -59,18 +58,7 @@ class BodySizeLimit:
         limit, err = self._limit(headers)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            body = json.dumps({"detail": err.detail}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_app_error(send, err)
             return
         received = 0
 

@@ -9,13 +9,29 @@
   the meta device, the data from the config and the upload records (``api.job_checks``).
 
 A replay of a submission with a known ``Idempotency-Key`` is never refused: it creates nothing.
+
+An upload is checked twice against the stored-bytes quota: by its declared ``Content-Length``
+before its body is read (:class:`EarlyUploadQuota`), so a tenant near its quota is not kept
+waiting while a file that cannot fit streams in; and by its real size once it has arrived
+(:func:`check_upload`), the one that counts, since a Content-Length can be absent or lie.
 """
 
 from __future__ import annotations
 
-from sqlalchemy.orm import Session
+import re
+from contextlib import AsyncExitStack
+from typing import Any
 
-from api.errors import AppError
+from fastapi import params
+from fastapi.dependencies.utils import get_dependant, solve_dependencies
+from fastapi.routing import iter_route_contexts
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep
+from api.errors import DATABASE_DOWN_ERRORS, AppError, send_app_error
 from api.job_checks import data_shape
 from api.uploads import human_bytes
 from core.config import JobConfig
@@ -34,11 +50,98 @@ def _store_full(used: int, settings: Settings, status: int, what: str) -> AppErr
     )
 
 
+def _upload_refusal(used: int, size: int, shown: int, settings: Settings) -> AppError | None:
+    if used + size > settings.max_stored_bytes:
+        return _store_full(used, settings, 413, f"this upload of {human_bytes(shown)} does not fit")
+    return None
+
+
 def check_upload(session: Session, tenant_id: str, size: int, settings: Settings) -> None:
     """413 when an upload of ``size`` bytes would take the tenant past its stored-bytes quota."""
-    used = quotas.stored_bytes(session, tenant_id)
-    if used + size > settings.max_stored_bytes:
-        raise _store_full(used, settings, 413, f"this upload of {human_bytes(size)} does not fit")
+    err = _upload_refusal(quotas.stored_bytes(session, tenant_id), size, size, settings)
+    if err is not None:
+        raise err
+
+
+def _upload_caller(session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> None:
+    """What the early check needs of a request, resolved by the routes' own dependencies."""
+
+
+_UPLOAD_CALLER = get_dependant(path="", call=_upload_caller)
+# failures of the early check that the route itself answers (401 for the key, 503 for the database)
+_ROUTE_ANSWERS: tuple[type[Exception], ...] = (AppError, *DATABASE_DOWN_ERRORS)
+
+
+def _upload_paths(app: Any) -> list[re.Pattern[str]]:
+    """Path patterns of the POST routes that take a file (built once per app)."""
+    routes = getattr(app, "routes", [])
+    cached = getattr(app.state, "upload_paths", None)
+    if cached is not None and cached[0] == len(routes):
+        return list(cached[1])
+    found = []
+    for route in iter_route_contexts(routes):
+        dependant = getattr(route, "dependant", None)
+        regex = getattr(route, "path_regex", None)
+        if dependant is None or regex is None or "POST" not in (getattr(route, "methods", None) or ()):
+            continue
+        if any(isinstance(p.field_info, params.File) for p in dependant.body_params):
+            found.append(regex)
+    app.state.upload_paths = (len(routes), found)
+    return found
+
+
+class EarlyUploadQuota:
+    """Refuse an upload whose declared Content-Length cannot fit the tenant's stored-bytes quota,
+    before its body is read, with :func:`check_upload`'s 413 message.
+
+    FastAPI reads (spools) a body before it resolves the route's dependencies, so the route's own
+    check sees the file only once all of it has arrived. Here the caller is resolved by those same
+    dependencies (``api.deps``: the key cache, else one query; a database slot held only for the
+    check), then one query sums what the tenant stores. The declared length counts the multipart
+    framing and form fields too: ``framing_bytes`` of it are not counted, so only a body that
+    clearly does not fit is refused. Whatever this cannot decide (no Content-Length, no key or a
+    bad one, the database unreachable) goes on to the route unchanged, which answers as it always
+    has: a bad key is a 401 before any talk of quotas.
+    """
+
+    def __init__(self, app: ASGIApp, framing_bytes: int) -> None:
+        self.app = app
+        self.framing_bytes = framing_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            err = await self._refusal(scope)
+            if err is not None:
+                await send_app_error(send, err)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refusal(self, scope: Scope) -> AppError | None:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if not declared.isdigit():
+            return None
+        size = int(declared) - self.framing_bytes
+        app = scope.get("app")
+        if size <= 0 or app is None or not any(p.match(scope["path"]) for p in _upload_paths(app)):
+            return None
+        async with AsyncExitStack() as stack:
+            # the dependencies see the request's headers only: the body stays unread
+            probe = Request({**scope, "fastapi_inner_astack": stack, "fastapi_function_astack": stack})
+            try:
+                solved = await solve_dependencies(
+                    request=probe,
+                    dependant=_UPLOAD_CALLER,
+                    dependency_overrides_provider=app,
+                    async_exit_stack=stack,
+                    embed_body_fields=False,
+                )
+                if solved.errors:
+                    return None
+                session, tenant = solved.values["session"], solved.values["tenant"]
+                used = await run_in_threadpool(quotas.stored_bytes, session, tenant.id)
+            except _ROUTE_ANSWERS:
+                return None
+        return _upload_refusal(used, size, int(declared), solved.values["settings"])
 
 
 def job_work(session: Session, tenant_id: str, config: JobConfig) -> tuple[int, str] | None:

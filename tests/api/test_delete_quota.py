@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from tests.api.test_jobs import DIGITS_JOB, set_status, submit
 from tests.api.test_models import FCN_FORM, fcn_state
 
 pytestmark = pytest.mark.postgres
+
+MIB = 1024 * 1024
 
 
 def upload_model(client: TestClient, caller: Caller, tmp_path: Path) -> dict[str, Any]:
@@ -236,3 +238,85 @@ def test_a_full_disk_during_an_upload_is_507_and_leaves_no_partial_file(
         assert [p for p in small.rglob("*") if p.is_file()] == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def declared_upload(client: TestClient, headers: dict[str, str], mib: int) -> tuple[Any, list[int]]:
+    """POST /v1/datasets with a well-formed multipart body holding ``mib`` MiB of file, streamed
+    with its exact Content-Length; returns the answer and the chunks the server pulled (a test
+    client reads a body only when the app asks for it)."""
+    head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="d.npz"\r\n\r\n'
+    tail = b"\r\n--x--\r\n"
+    pulled: list[int] = []
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for i in range(mib):
+            pulled.append(i)
+            yield b"\0" * MIB
+        yield tail
+
+    resp = client.post(
+        "/v1/datasets",
+        headers=headers
+        | {
+            "Content-Type": "multipart/form-data; boundary=x",
+            "Content-Length": str(len(head) + mib * MIB + len(tail)),
+        },
+        content=body(),
+    )
+    return resp, pulled
+
+
+def test_an_upload_declared_past_the_quota_is_413_before_its_body_is_read(
+    make_client: Callable[[Settings], TestClient],
+    settings: Settings,
+    alice: Caller,
+    session: Session,
+    tmp_path: Path,
+) -> None:
+    dataset = upload_npz(make_client(settings), alice, tmp_path)
+    before = stored(settings, alice.tenant.id)
+    # 1 MiB left; 6 MiB declared is under the upload cap (8 MiB here) and clearly past the quota
+    tight = make_client(settings.model_copy(update={"max_stored_bytes": dataset["size_bytes"] + MIB}))
+
+    refused, pulled = declared_upload(tight, alice.headers, 6)
+    bad_key, bad_key_pulled = declared_upload(tight, {"Authorization": "Bearer nope"}, 6)
+
+    assert refused.status_code == 413
+    detail = refused.json()["detail"]
+    assert detail.startswith("this upload of 6.0 MiB does not fit: your stored files take ")
+    assert "LORITA_MAX_STORED_BYTES" in detail and "/v1/datasets/{id}" in detail
+    assert pulled == []  # answered from the headers: not one chunk of the body was read
+    assert session.scalar(select(func.count()).select_from(Dataset)) == 1
+    assert stored(settings, alice.tenant.id) == before
+    # a bad key still hears about its key (after the body, as before), never about a quota
+    assert bad_key.status_code == 401 and bad_key.json()["detail"].startswith("invalid or revoked API key")
+    assert len(bad_key_pulled) == 6
+
+
+def test_an_upload_that_fits_passes_the_early_quota_check_and_is_stored(
+    make_client: Callable[[Settings], TestClient],
+    settings: Settings,
+    alice: Caller,
+    session: Session,
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.npz"  # ~2 MiB: past the framing allowance, so the early check runs
+    np.savez(
+        path,
+        x_train=rng.uniform(size=(4000, 64)).astype(np.float32),
+        y_train=np.arange(4000) % 10,
+        x_test=rng.uniform(size=(4000, 64)).astype(np.float32),
+        y_test=np.arange(4000) % 10,
+    )
+    size = path.stat().st_size
+    client = make_client(settings.model_copy(update={"max_stored_bytes": size + 1000}))
+
+    with path.open("rb") as f:
+        resp = client.post("/v1/datasets", headers=alice.headers, files={"file": ("big.npz", f)})
+
+    assert size > 2 * MIB
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["size_bytes"] == size
+    assert session.scalar(select(func.count()).select_from(Dataset)) == 1
