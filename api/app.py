@@ -15,7 +15,7 @@ from api.conformance import install as install_conformance
 from api.deletion import router as deletion_router
 from api.downloads import install_store_error_handlers
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, RefuseNulPath
 from api.metrics import install_metrics
 from api.quotas import EarlyUploadQuota
 from store.artifacts import get_artifact_store
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_store_error_handlers(app)
     # inside the size cap: the quota query runs only for a body the server would accept at all
     app.add_middleware(EarlyUploadQuota, framing_bytes=MULTIPART_SLACK_BYTES)
+    app.add_middleware(RefuseNulPath)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,

@@ -18,7 +18,7 @@ from api.archives import (
 )
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError, not_found
-from api.limits import Offset
+from api.limits import Offset, check_text
 from api.quotas import check_upload
 from api.schemas import BuiltinDatasetRead, DatasetRead, DatasetsRead
 from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
@@ -158,6 +158,7 @@ def upload_dataset(
 ) -> Dataset:
     """Streamed to disk with a size cap; .npz files are read without unpickling, archives are
     extracted with path, link, file-count and byte checks. Nothing is kept when a check fails."""
+    check_text(name, "name")
     filename = clean_filename(file.filename, "")
     kind = "npz" if filename.lower().endswith(".npz") else archive_kind(filename)
     if kind is None:

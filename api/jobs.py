@@ -23,7 +23,7 @@ from api.deps import (
 from api.downloads import artifact_response
 from api.errors import AppError, not_found
 from api.job_checks import check_job_size
-from api.limits import MAX_QUERY_INT, Offset
+from api.limits import MAX_QUERY_INT, Offset, check_text
 from api.quotas import check_submit
 from api.schemas import (
     ArtifactRead,
@@ -108,6 +108,7 @@ def create_job(
     """The body is the job config (unknown fields are rejected). Uploaded models and datasets are
     referenced by id: ``"model": {"arch": "fcn", "weights": "<model id>"}``, ``"dataset": {"id": "<id>"}``.
     The job is stored before it is queued; poll ``GET /v1/jobs/{id}`` for progress."""
+    check_text(config.model_dump())
     config = resolve_references(session, tenant, config)
     check_job_size(session, tenant.id, config, settings)
     check_submit(session, tenant.id, config, settings, idempotency_key)  # quotas and the work limit

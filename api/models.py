@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError, not_found
-from api.limits import Offset
+from api.limits import Offset, check_text
 from api.quotas import check_upload
 from api.schemas import ModelRead, ModelsRead
 from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
@@ -49,6 +49,7 @@ def parse_options(text: str | None) -> dict[str, Any]:
         ) from None
     if not isinstance(options, dict):
         raise AppError(422, 'options must be a JSON object, e.g. {"depth": 3}')
+    check_text(options, "options")
     return options
 
 
@@ -121,6 +122,7 @@ def upload_model(
     come from the file. Name it in a job as ``{"model": {"program": "<id>"}}``."""
     from core.zoo import check_arch
 
+    check_text(name, "name")
     if arch is None:
         from api.programs import upload_program
 

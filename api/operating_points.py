@@ -43,6 +43,7 @@ from api.deps import (
 from api.errors import AppError, not_found
 from api.job_checks import check_job_size
 from api.jobs import job_read, resolve_references
+from api.limits import check_text
 from api.quotas import check_submit
 from api.schemas import JobEventRead, JobRead
 from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig, RanksPolicy
@@ -427,6 +428,7 @@ async def plan(
     """The body is a job config, checked as ``POST /v1/jobs`` checks it. Builds the model for the
     config's data and says which weights LoRITa composes (and why others are skipped), what the
     factors add during training, and the model's parameters and FLOPs. Trains nothing."""
+    check_text(config.model_dump())
     return await plan_for(session, tenant, config, settings, store)
 
 
@@ -575,6 +577,7 @@ def select_operating_point(
     """Creates a job whose ``parent_id`` is ``job_id``: a worker reloads the parent's collapsed
     dense model, reruns the rank search with ``compress`` on the same validation split, and
     writes a new report and artifacts. Nothing is trained (unless ``finetune`` asks for it)."""
+    check_text(body.model_dump())
     job, created = create_derived_job(
         session, tenant, job_id, body, settings=settings, idempotency_key=idempotency_key
     )

@@ -557,3 +557,123 @@ def test_an_npz_recorded_before_the_upload_checks_is_refused_at_submit(
     assert resp.status_code == 422, resp.text
     assert "dataset.id" in detail(resp) and "2 training samples" in detail(resp)
     assert rows(session, Job) == 0
+
+
+# ---------------------------------------------------------------- sweep 2: each case was a 500,
+# a leak of torch's internals, or a good upload refused
+
+
+ID_ROUTES = [
+    ("GET", "/v1/models/{}"),
+    ("DELETE", "/v1/models/{}"),
+    ("GET", "/v1/datasets/{}"),
+    ("DELETE", "/v1/datasets/{}"),
+    ("GET", "/v1/jobs/{}"),
+    ("DELETE", "/v1/jobs/{}"),
+    ("POST", "/v1/jobs/{}/cancel"),
+    ("GET", "/v1/jobs/{}/events"),
+    ("GET", "/v1/jobs/{}/report"),
+    ("GET", "/v1/jobs/{}/artifacts"),
+    ("GET", "/v1/jobs/{}/artifacts/model%00.onnx"),
+    ("GET", "/v1/jobs/{}/stream"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ID_ROUTES, ids=[f"{m} {p}" for m, p in ID_ROUTES])
+def test_a_nul_in_the_url_path_is_404_saying_so(
+    client: TestClient, alice: Caller, method: str, path: str
+) -> None:
+    resp = client.request(method, path.format("a%00b"), headers=alice.headers)
+
+    assert resp.status_code == 404, resp.text
+    assert "NUL character (%00)" in detail(resp)
+
+
+def _job_text(config: dict[str, Any], old: str, new: str) -> bytes:
+    text = json.dumps(config)
+    assert old in text
+    return text.replace(old, new, 1).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/jobs", _job_text(DIGITS_JOB, '"model": {', '"name": "a\\u0000b", "model": {'), "name:"),
+        (
+            "/v1/jobs",
+            _job_text(DIGITS_JOB, '"dataset": {"name": "digits"}', '"dataset": {"id": "\\u0000"}'),
+            "dataset.id:",
+        ),
+        (
+            "/v1/jobs",
+            _job_text(DIGITS_JOB, '"arch": "fcn"', '"arch": "fcn", "weights": "\\ud800"'),
+            "model.weights:",
+        ),
+        (
+            "/v1/jobs",
+            _job_text(DIGITS_JOB, '"epochs": 1', '"epochs": 1, "include": ["\\u0000"]'),
+            "train.include.0:",
+        ),
+        (
+            "/v1/plan",
+            _job_text(DIGITS_JOB, '"dataset": {"name": "digits"}', '"dataset": {"id": "x\\u0000"}'),
+            "dataset.id:",
+        ),
+    ],
+    ids=["job-name-nul", "dataset-id-nul", "weights-surrogate", "include-nul", "plan-dataset-id-nul"],
+)
+def test_text_the_database_cannot_store_is_422_naming_the_field(
+    client: TestClient, alice: Caller, session: Session, path: str, body: bytes, field: str
+) -> None:
+    resp = client.post(path, headers=alice.headers | {"Content-Type": "application/json"}, content=body)
+
+    assert resp.status_code == 422, resp.text
+    assert detail(resp).startswith(field) and "remove it" in detail(resp)
+    assert rows(session, Job) == 0
+
+
+def test_a_nul_in_a_derived_jobs_name_is_422(client: TestClient, alice: Caller, session: Session) -> None:
+    from store.models import Artifact
+
+    parent = client.post("/v1/jobs", headers=alice.headers, json=DIGITS_JOB).json()["id"]
+    job = session.get(Job, parent)
+    assert job is not None
+    job.status = "succeeded"
+    session.add(
+        Artifact(job_id=parent, name="dense/model.safetensors", size_bytes=1, sha256="0" * 64, location="x")
+    )
+    session.commit()
+
+    resp = client.post(
+        f"/v1/jobs/{parent}/select",
+        headers=alice.headers,
+        json={"compress": {"policy": "uniform", "keep": 0.5}, "name": "a\u0000b"},
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert detail(resp).startswith("name: the text holds a NUL character")
+    assert rows(session, Job) == 1
+
+
+GOOD_NPZ = npz_bytes(
+    x_train=np.zeros((20, 4), np.float32),
+    y_train=np.arange(20) % 2,
+    x_test=np.zeros((4, 4), np.float32),
+    y_test=np.arange(4) % 2,
+)
+
+
+@pytest.mark.parametrize("path", ["/v1/datasets", "/v1/models"])
+def test_a_nul_in_an_uploads_name_is_422_and_nothing_is_kept(
+    client: TestClient, alice: Caller, session: Session, settings: Settings, path: str
+) -> None:
+    form = {"arch": "fcn", "num_classes": "10", "input_shape": "64"} if path == "/v1/models" else {}
+
+    resp = client.post(
+        path, headers=alice.headers, data=form | {"name": "a\x00b"}, files={"file": ("a.npz", GOOD_NPZ)}
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert detail(resp) == "name: the text holds a NUL character (\\u0000); remove it"
+    assert rows(session, Dataset) + rows(session, ModelRecord) == 0
+    assert stored_files(settings) == []
