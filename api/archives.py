@@ -386,6 +386,8 @@ def _flat_split_counts(per_class: list[int]) -> tuple[int, int]:
 
     from core.data import FIXED_DATA_SEED, HOLDOUT_FRACTION, stratified_split
 
+    if not per_class:  # no images at all: refused below for having no classes (torch.cat needs one)
+        return 0, 0
     labels = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(per_class)])
     kept, held = stratified_split(labels, HOLDOUT_FRACTION, FIXED_DATA_SEED)
     return len(kept), len(held)

@@ -677,3 +677,13 @@ def test_a_nul_in_an_uploads_name_is_422_and_nothing_is_kept(
     assert detail(resp) == "name: the text holds a NUL character (\\u0000); remove it"
     assert rows(session, Dataset) + rows(session, ModelRecord) == 0
     assert stored_files(settings) == []
+
+
+def test_an_archive_without_any_image_is_422_naming_the_layout(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    resp = post_dataset(client, alice, "notes.zip", zip_bytes({"notes.txt": b"no images here"}))
+
+    assert resp.status_code == 422, resp.text
+    assert "found 0 class folder(s) with images" in detail(resp) and "<class>/<image>" in detail(resp)
+    assert rows(session, Dataset) == 0
