@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -27,6 +29,29 @@ _BUILTIN_DATA: dict[str, tuple[tuple[int, ...], int, int]] = {
     "cifar100": ((3, 32, 32), 60_000, 100),
 }
 SYNTHETIC_DEFAULTS = ((3, 32, 32), 2048, 512, 10)  # input_shape, n_train, n_test, num_classes
+# The largest integer an architecture option may be. A size past what torch's C++ side can hold
+# failed inside torch with its internal message (the source file of torch's build included).
+MAX_OPTION_INT = 2**31 - 1
+
+
+def check_option_sizes(options: Mapping[str, Any], where: str) -> None:
+    """422 naming the first integer option (nested ones too) past ``MAX_OPTION_INT``."""
+    stack: list[tuple[str, Any]] = [(f"{where}.{k}", v) for k, v in options.items()]
+    while stack:
+        path, value = stack.pop(0)
+        if isinstance(value, Mapping):
+            stack += [(f"{path}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            stack += [(f"{path}.{i}", v) for i, v in enumerate(value)]
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OPTION_INT:
+            shown = str(value) if abs(value) < 10**15 else f"a number of {len(str(abs(value)))} digits"
+            raise AppError(422, f"{path}: {shown} is far too large; an option is at most {MAX_OPTION_INT}")
+
+
+def build_error_text(err: Exception) -> str:
+    """The first line of an error from building a model: torch appends its C++ context (source
+    files of its own build) on the lines after."""
+    return str(err).split("\n", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -100,11 +125,14 @@ def check_job_size(session: Session, tenant_id: str, config: JobConfig, settings
         return  # an uploaded program is checked when it is uploaded
     from core import zoo
 
+    check_option_sizes(model.options, "model.options")
     num_classes = model.num_classes or data.num_classes
     try:
         meta = zoo.build_meta_model(arch, num_classes, data.input_shape, model.options)
     except (ValueError, TypeError) as err:
-        raise AppError(422, f"model.options: {arch} cannot be built with these settings: {err}") from None
+        raise AppError(
+            422, f"model.options: {arch} cannot be built with these settings: {build_error_text(err)}"
+        ) from None
     count = zoo.count_parameters(meta)
     if count > settings.max_model_parameters:
         raise AppError(

@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import AppError, not_found
+from api.job_checks import build_error_text, check_option_sizes
 from api.limits import Offset, check_text
 from api.quotas import check_upload
 from api.schemas import ModelRead, ModelsRead
@@ -47,6 +48,13 @@ def parse_options(text: str | None) -> dict[str, Any]:
         raise AppError(
             422, f'options is not valid JSON ({err}); send a JSON object, e.g. {{"depth": 3}}'
         ) from None
+    except (ValueError, RecursionError):
+        # nesting past the parser's recursion limit, or an integer of thousands of digits
+        raise AppError(
+            422,
+            "options is nested too deeply or holds a number too long to read; send a flat JSON object "
+            'of options, e.g. {"depth": 3}',
+        ) from None
     if not isinstance(options, dict):
         raise AppError(422, 'options must be a JSON object, e.g. {"depth": 3}')
     check_text(options, "options")
@@ -60,10 +68,11 @@ def sized_model(
     limit: nothing of that size is ever built or read in the API."""
     from core import zoo  # torch is imported on first upload, not at startup
 
+    check_option_sizes(options, "options")
     try:
         model = zoo.build_meta_model(arch, num_classes, input_shape, options)
     except (ValueError, TypeError) as err:
-        raise AppError(422, f"cannot build {arch} with these settings: {err}") from None
+        raise AppError(422, f"cannot build {arch} with these settings: {build_error_text(err)}") from None
     count = zoo.count_parameters(model)
     if count > max_parameters:
         raise AppError(

@@ -687,3 +687,40 @@ def test_an_archive_without_any_image_is_422_naming_the_layout(
     assert resp.status_code == 422, resp.text
     assert "found 0 class folder(s) with images" in detail(resp) and "<class>/<image>" in detail(resp)
     assert rows(session, Dataset) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["[" * 100_000 + "]" * 100_000, '{"width": ' + "9" * 5000 + "}"],
+    ids=["nested-100k-deep", "5000-digit-number"],
+)
+def test_model_options_the_json_parser_cannot_read_are_422(
+    client: TestClient, alice: Caller, session: Session, options: str
+) -> None:
+    resp = post_model(client, alice, "w.safetensors", b"\0" * 16, options=options)
+
+    assert resp.status_code == 422, resp.text
+    assert "options is nested too deeply or holds a number too long" in detail(resp)
+    assert rows(session, ModelRecord) == 0
+
+
+TORCH_INTERNALS = ("Exception raised from", "/pytorch/", "csrc", "unpackLong", "long long")
+
+
+def test_a_huge_integer_option_is_422_naming_it_without_torchs_internals(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    body = _job_text(DIGITS_JOB, '"width": 16', '"width": 1' + "0" * 400)
+
+    job = client.post("/v1/jobs", headers=alice.headers | {"Content-Type": "application/json"}, content=body)
+    upload = post_model(client, alice, "w.safetensors", b"\0" * 16, options='{"width": ' + "1" * 30 + "}")
+
+    assert job.status_code == 422, job.text
+    assert detail(job) == (
+        "model.options.width: a number of 401 digits is far too large; an option is at most 2147483647"
+    )
+    assert upload.status_code == 422, upload.text
+    assert detail(upload).startswith("options.width: a number of 30 digits is far too large")
+    for text in (detail(job), detail(upload)):
+        assert not any(internal in text for internal in TORCH_INTERNALS)
+    assert rows(session, Job) + rows(session, ModelRecord) == 0
