@@ -93,8 +93,18 @@ def format_request_errors(errors: Sequence[Any]) -> str:
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and request.headers.get("content-type", "").startswith("multipart/"):
+        # Starlette's own 400s for a form it cannot parse ("Invalid multipart data.", "Missing
+        # boundary in multipart."): no route answers 400, so this is the body, and it says how
+        return JSONResponse(
+            {
+                "detail": f"invalid multipart/form-data body ({str(exc.detail).rstrip('.')}); send the file "
+                "as a form field named 'file' with a complete multipart body, e.g. curl -F file=@data.npz"
+            },
+            status_code=422,
+        )
     if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
         # bad input like any other: a 422 that says what to send
         return JSONResponse(

@@ -724,3 +724,26 @@ def test_a_huge_integer_option_is_422_naming_it_without_torchs_internals(
     for text in (detail(job), detail(upload)):
         assert not any(internal in text for internal in TORCH_INTERNALS)
     assert rows(session, Job) + rows(session, ModelRecord) == 0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--x\r\nabc"),
+        (
+            "multipart/form-data; boundary=zz",
+            b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nab\r\n--x--\r\n',
+        ),
+        ("multipart/form-data; boundary=x", b"--x\r\n\r\nabc\r\n--x--\r\n"),
+    ],
+    ids=["no-boundary", "wrong-boundary", "part-without-a-name"],
+)
+@pytest.mark.parametrize("path", ["/v1/datasets", "/v1/models"])
+def test_a_broken_multipart_body_is_422_saying_how_to_send_the_file(
+    client: TestClient, alice: Caller, path: str, content_type: str, body: bytes
+) -> None:
+    resp = client.post(path, headers=alice.headers | {"Content-Type": content_type}, content=body)
+
+    assert resp.status_code == 422, resp.text  # was Starlette's 400, which no operation declares
+    assert detail(resp).startswith("invalid multipart/form-data body (")
+    assert "curl -F file=@" in detail(resp)
