@@ -97,10 +97,20 @@ def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+MAX_FILENAME_CHARS = 200
+
+
 def clean_filename(filename: str | None, default: str) -> str:
-    """The client's file name reduced to a safe base name (for display only; never a path)."""
+    """The client's file name reduced to a safe base name (for display only; never a path).
+
+    Its extension survives: the routes choose the file's kind by it. So characters outside
+    ``[A-Za-z0-9._-]`` become ``_`` rather than vanish (``データ.npz`` is ``_.npz``, not ``npz``),
+    and a name past the length cap loses the middle, not the end."""
     base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:200]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".").rstrip("._")
+    if len(base) > MAX_FILENAME_CHARS:
+        half = MAX_FILENAME_CHARS // 2
+        base = base[:half] + base[-half:]
     return base or default
 
 

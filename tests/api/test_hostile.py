@@ -747,3 +747,17 @@ def test_a_broken_multipart_body_is_422_saying_how_to_send_the_file(
     assert resp.status_code == 422, resp.text  # was Starlette's 400, which no operation declares
     assert detail(resp).startswith("invalid multipart/form-data body (")
     assert "curl -F file=@" in detail(resp)
+
+
+@pytest.mark.parametrize(
+    ("filename", "shown"),
+    [("データ.npz", "_.npz"), ("n" * 250 + ".npz", "n" * 196 + ".npz")],
+    ids=["japanese-name", "250-character-name"],
+)
+def test_an_npz_keeps_its_extension_whatever_its_name(
+    client: TestClient, alice: Caller, filename: str, shown: str
+) -> None:
+    resp = post_dataset(client, alice, filename, GOOD_NPZ)
+
+    assert resp.status_code == 201, resp.text  # was 422 "unsupported dataset file 'npz'"
+    assert resp.json()["name"] == shown and resp.json()["kind"] == "npz"
