@@ -333,6 +333,18 @@ def _ranks(report: dict[str, Any]) -> str:
     return "/".join(str(v["kept_rank"]) for v in report["ranks"].values())
 
 
+def effective_ranks(job_dir: Path) -> str:
+    """Per Linear of the job's dense model, its effective rank: exp of the entropy of the
+    normalized singular values (Roy & Vetterli), a smooth count of the directions in use."""
+    out = []
+    for mod in load_model(job_dir / DENSE_DIR).modules():
+        if isinstance(mod, torch.nn.Linear):
+            s = torch.linalg.svdvals(mod.weight.detach().double())
+            p = s / s.sum()
+            out.append(f"{torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()).item():.1f}")
+    return "/".join(out)
+
+
 def run_init(
     data: str,
     init: str,
@@ -374,6 +386,7 @@ def run_init(
                 "test_dense": acc["test"]["before"],
                 "val_after": acc["val"]["after"],
                 "test_after": acc["test"]["after"],
+                "effective_ranks": effective_ranks(job_dir),
                 "train_s": train_s,
             }
         )
@@ -526,13 +539,15 @@ def factors_verdict(rows: list[dict[str, Any]]) -> str:
 def grid_table(rows: list[dict[str, Any]]) -> str:
     """``--dense-only`` rows: dense accuracy and the job's own budget after fine-tuning, per setting."""
     lines = [
-        "| data | init | lr | wd | epochs | seed | val / test dense | budget | val / test after FT |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | init | lr | wd | epochs | seed | val / test dense | dense effective ranks | budget "
+        "| val / test after FT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["init"], r["lr"], r["wd"], r["seed"])):
         lines.append(
             f"| {r['dataset']} | {r['init']} | {r['lr']:g} | {r['wd']:g} | {r['epochs']} | {r['seed']} "
-            f"| {pct(r['val_dense'])} / {pct(r['test_dense'])} | {100 * r['budget']:g}% "
+            f"| {pct(r['val_dense'])} / {pct(r['test_dense'])} | {r.get('effective_ranks', '')} "
+            f"| {100 * r['budget']:g}% "
             f"| {pct(r['val_after'])} / {pct(r['test_after'])} |"
         )
     return "\n".join(lines)
