@@ -82,6 +82,7 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
+        min_length=1,  # an empty key (an unset variable) would make every later submission a replay
         max_length=200,
         description="Retry-safe submission: the same key returns the same job instead of a new one.",
     ),

@@ -761,3 +761,13 @@ def test_an_npz_keeps_its_extension_whatever_its_name(
 
     assert resp.status_code == 201, resp.text  # was 422 "unsupported dataset file 'npz'"
     assert resp.json()["name"] == shown and resp.json()["kind"] == "npz"
+
+
+def test_an_empty_idempotency_key_is_422_not_a_replay_of_the_first_job(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    resp = client.post("/v1/jobs", headers=alice.headers | {"Idempotency-Key": ""}, json=DIGITS_JOB)
+
+    assert resp.status_code == 422, resp.text
+    assert "Idempotency-Key" in detail(resp)
+    assert rows(session, Job) == 0
