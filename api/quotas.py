@@ -18,13 +18,14 @@ waiting while a file that cannot fit streams in; and by its real size once it ha
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 from fastapi import params
 from fastapi.dependencies.utils import get_dependant, solve_dependencies
-from fastapi.routing import iter_route_contexts
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -67,6 +68,16 @@ def _upload_caller(session: SessionDep, tenant: CurrentTenant, settings: Setting
     """What the early check needs of a request, resolved by the routes' own dependencies."""
 
 
+log = logging.getLogger("lorita.api")
+
+try:  # recent FastAPI keeps included routers as route contexts (not in app.routes)
+    from fastapi.routing import iter_route_contexts as _routes_of
+except ImportError:  # older FastAPI copies included routes into app.routes
+
+    def _routes_of(routes: Iterable[Any]) -> Iterator[Any]:  # type: ignore[misc]
+        return iter(routes)
+
+
 _UPLOAD_CALLER = get_dependant(path="", call=_upload_caller)
 # failures of the early check that the route itself answers (401 for the key, 503 for the database)
 _ROUTE_ANSWERS: tuple[type[Exception], ...] = (AppError, *DATABASE_DOWN_ERRORS)
@@ -79,7 +90,7 @@ def _upload_paths(app: Any) -> list[re.Pattern[str]]:
     if cached is not None and cached[0] == len(routes):
         return list(cached[1])
     found = []
-    for route in iter_route_contexts(routes):
+    for route in _routes_of(routes):
         dependant = getattr(route, "dependant", None)
         regex = getattr(route, "path_regex", None)
         if dependant is None or regex is None or "POST" not in (getattr(route, "methods", None) or ()):
@@ -110,7 +121,14 @@ class EarlyUploadQuota:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            err = await self._refusal(scope)
+            try:
+                err = await self._refusal(scope)
+            except Exception:
+                # only a courtesy: this leans on FastAPI's own machinery (route contexts,
+                # solve_dependencies); should a release change it, the upload goes on to the route,
+                # whose check_upload runs once the body has arrived
+                log.warning("early upload quota check skipped", exc_info=True)
+                err = None
             if err is not None:
                 await send_app_error(send, err)
                 return
