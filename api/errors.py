@@ -66,7 +66,7 @@ def not_found(kind: str, object_id: str) -> AppError:
 
 def format_request_errors(errors: Sequence[Any]) -> str:
     """Readable one-line text for FastAPI validation errors (same style as core.config)."""
-    from core.config import POLICIES
+    from core.config import POLICIES, type_error_text
 
     lines = []
     for e in errors:
@@ -75,7 +75,7 @@ def format_request_errors(errors: Sequence[Any]) -> str:
             loc = loc[1:]
         # a discriminated union adds the tag to the path (compress.global.keep); keep it readable
         where = ".".join(loc) or "body"
-        msg = str(e.get("msg", "invalid value"))
+        msg = type_error_text(e) or str(e.get("msg", "invalid value"))
         kind = e.get("type")
         if kind == "extra_forbidden":
             msg = "unknown field; remove it (see the schema at /docs for valid fields)"

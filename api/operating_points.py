@@ -24,7 +24,7 @@ import anyio
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
 from api.deps import (
@@ -46,7 +46,7 @@ from api.jobs import job_read, resolve_references
 from api.limits import check_text
 from api.quotas import check_submit
 from api.schemas import JobEventRead, JobRead
-from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig, RanksPolicy
+from core.config import CompressConfig, ExportFormat, FinetuneConfig, JobConfig, RanksPolicy, shown_value
 from store.artifacts import ArtifactStore
 from store.db import get_sessionmaker
 from store.models import Job
@@ -438,7 +438,8 @@ async def plan(
 
 
 class SelectCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict as the job config is: "finetune": "yes" was true, a derived job that fine-tuned
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     compress: CompressConfig = Field(description="Any compression policy, as in a job config.")
     finetune: bool | FinetuneConfig = Field(
@@ -450,6 +451,16 @@ class SelectCreate(BaseModel):
         default=None, description="Formats to write (default: the parent job's)."
     )
     name: str | None = Field(default=None, max_length=200)
+
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _bool_or_settings(cls, value: Any) -> Any:
+        # one message instead of one per member of the union ("finetune.bool: ...; finetune.FinetuneConfig: ...")
+        if not isinstance(value, bool | dict | FinetuneConfig):
+            raise ValueError(
+                f"expected true, false or an object of fine-tuning settings, got {shown_value(value)}"
+            )
+        return value
 
 
 def derived_config(parent: Job, body: SelectCreate) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,8 +28,10 @@ ALL_EXPORTS: tuple[ExportFormat, ...] = ("safetensors", "pt2", "onnx")
 
 class _Strict(BaseModel):
     # NaN and infinity are refused in every float field (JSON has no such numbers: stored, they
-    # would come back as null)
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # would come back as null). strict: a value is taken as the JSON type it is, never coerced
+    # ("epochs": true was 1 epoch, "lr": "0.1" 0.1, "max_drop": true a budget of 1.0); an integer
+    # is still a number where a float is expected ("lr": 1). Nested objects stay plain dicts.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 MAX_OPTIONS = 64  # keys of model.options
@@ -407,11 +410,48 @@ class ConfigError(ValueError):
     """A config a person must fix; the message says what and how."""
 
 
+def _shown_int(value: int) -> str:
+    """An integer as a message shows it: a huge one by its length."""
+    return str(value) if abs(value) < 10**15 else f"a number of {len(str(abs(value)))} digits"
+
+
+def shown_value(value: Any) -> str:
+    """What a value of the wrong JSON type is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer" if abs(value) < 10**15 else _shown_int(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({json.dumps(shown)})"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
+
+
+def type_error_text(error: Mapping[str, Any]) -> str | None:
+    """``expected an integer, got a boolean`` for a pydantic error of a strict number or boolean
+    field (None for any other error): which JSON type to send instead of pydantic's wording."""
+    expected = _EXPECTED.get(str(error.get("type")))
+    if expected is None or "input" not in error:
+        return None
+    return f"expected {expected}, got {shown_value(error['input'])}"
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"]
+        msg = type_error_text(e) or e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field; remove it (see the job config schema for valid fields)"
         elif e["type"] == "union_tag_invalid":
