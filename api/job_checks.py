@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import AppError
-from core.config import JobConfig
+from core.config import JobConfig, RanksPolicy
 from store.repositories import datasets as dataset_repo
 from store.settings import Settings
 
@@ -46,6 +46,26 @@ def check_option_sizes(options: Mapping[str, Any], where: str) -> None:
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OPTION_INT:
             shown = str(value) if abs(value) < 10**15 else f"a number of {len(str(abs(value)))} digits"
             raise AppError(422, f"{path}: {shown} is far too large; an option is at most {MAX_OPTION_INT}")
+
+
+def check_ranks_against(full: Mapping[str, int], ranks: Mapping[str, int], owner: str) -> None:
+    """A ``ranks`` policy against the full rank of each layer ``owner`` (a model, a parent job)
+    has: 422 naming an unknown layer (and the valid ones) or a rank outside 1..its full rank."""
+    unknown = [name for name in ranks if name not in full]
+    if unknown:
+        layers = ", ".join(list(full)[:20]) + (", ..." if len(full) > 20 else "")
+        raise AppError(
+            422,
+            f"compress.ranks: {owner} has no truncatable layer named "
+            f"{', '.join(repr(n) for n in unknown[:5])}; its layers are {layers or 'none'}",
+        )
+    bad = [
+        f"{n!r} is {r}, valid 1..{full[n]} (its full rank)"
+        for n, r in ranks.items()
+        if not 1 <= r <= int(full[n])
+    ]
+    if bad:
+        raise AppError(422, f"compress.ranks: out of range: {'; '.join(bad[:5])}")
 
 
 def build_error_text(err: Exception) -> str:
@@ -141,3 +161,8 @@ def check_job_size(session: Session, tenant_id: str, config: JobConfig, settings
             f"{list(data.input_shape)} has {count} parameters, more than the {settings.max_model_parameters} "
             "accepted (LORITA_MAX_MODEL_PARAMETERS); lower its size options (width, depth, width_mult...)",
         )
+    if isinstance(config.compress, RanksPolicy):
+        from core.layers import full_ranks
+
+        # the layers the worker's SVD will see: the trained model is collapsed back to this one
+        check_ranks_against(full_ranks(meta), config.compress.ranks, arch)

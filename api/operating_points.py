@@ -41,7 +41,7 @@ from api.deps import (
     get_session,
 )
 from api.errors import AppError, not_found
-from api.job_checks import check_job_size
+from api.job_checks import check_job_size, check_ranks_against
 from api.jobs import job_read, resolve_references
 from api.limits import check_text
 from api.quotas import check_submit
@@ -497,17 +497,7 @@ def check_ranks(session: Session, parent_id: str, ranks: Mapping[str, int]) -> N
     full = first.get("ranks") if isinstance(first, dict) else None
     if not isinstance(full, dict) or not full:
         return
-    unknown = [name for name in ranks if name not in full]
-    if unknown:
-        layers = ", ".join(list(full)[:20]) + (", ..." if len(full) > 20 else "")
-        raise AppError(
-            422,
-            f"compress.ranks: job {parent_id} has no truncatable layer named "
-            f"{', '.join(repr(n) for n in unknown[:5])}; its layers are {layers}",
-        )
-    bad = [f"{n!r} is {r}, valid 1..{full[n]}" for n, r in ranks.items() if not 1 <= r <= int(full[n])]
-    if bad:
-        raise AppError(422, f"compress.ranks: out of range: {'; '.join(bad[:5])}")
+    check_ranks_against(full, ranks, f"job {parent_id}")
 
 
 def create_derived_job(

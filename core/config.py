@@ -298,6 +298,10 @@ class LatencyBudgetPolicy(_Policy):
 
 
 MAX_RANK_ENTRIES = 10_000  # layers named in a ranks policy
+# The largest rank the schema takes: past what torch's C++ side holds as a dimension, no layer
+# has it. Each rank is checked against its layer's full rank where the model is known (at
+# submit for built-in architectures, always when the job compresses).
+MAX_RANK = 2**31 - 1
 
 
 class RanksPolicy(_Policy):
@@ -309,16 +313,22 @@ class RanksPolicy(_Policy):
             max_length=MAX_RANK_ENTRIES,
             description="Kept rank per layer, by module name (a report's ranks or a Pareto point's); "
             "layers not named stay dense. Each rank is 1..the layer's full rank, checked against the "
-            "model when the job compresses.",
+            "model at submission (built-in architectures over HTTP) and when the job compresses.",
         )
     )
 
     @field_validator("ranks")
     @classmethod
-    def _positive(cls, ranks: dict[str, int]) -> dict[str, int]:
+    def _in_range(cls, ranks: dict[str, int]) -> dict[str, int]:
         bad = [f"{name!r} ({rank})" for name, rank in ranks.items() if rank < 1]
         if bad:
             raise ValueError(f"a kept rank is at least 1; fix layer(s) {', '.join(bad[:5])}")
+        huge = [f"{name!r} ({_shown_int(rank)})" for name, rank in ranks.items() if rank > MAX_RANK]
+        if huge:
+            raise ValueError(
+                f"a kept rank is at most the layer's full rank, and never above {MAX_RANK}: "
+                f"fix layer(s) {', '.join(huge[:5])}"
+            )
         return ranks
 
 

@@ -134,3 +134,10 @@ def named_matrix_layers(model: nn.Module, names: Iterable[str] | None = None) ->
         if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1):
             out.append((name, mod))
     return out
+
+
+def full_ranks(model: nn.Module) -> dict[str, int]:
+    """The full rank of every layer a ``ranks`` policy can name, in model order: the
+    ``Spectrum.full_rank`` of :func:`core.svt.compute_spectra` (min(m, n)) without an SVD, so it
+    works on the meta device."""
+    return {name: min(matrix_shape(layer)) for name, layer in named_matrix_layers(model)}

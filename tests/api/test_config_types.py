@@ -1,5 +1,7 @@
 """The job config over HTTP: values of the wrong JSON type are a 422 naming the field (they were
-coerced: ``"epochs": true`` ran 1 epoch, select's ``"finetune": "yes"`` fine-tuned)."""
+coerced: ``"epochs": true`` ran 1 epoch, select's ``"finetune": "yes"`` fine-tuned), and a ``ranks``
+policy no layer of the model can take is a 422 at submit naming the layer (it was a 202, and the
+worker refused the job later)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from sqlalchemy.orm import Session
 
 from store.models import Job
 from tests.api.conftest import Caller
-from tests.api.test_operating_points import SMALL_JOB, submit, succeed_with_dense
+from tests.api.test_operating_points import SMALL_JOB, submit, succeed_with_dense, succeed_with_report
 
 pytestmark = pytest.mark.postgres
+
+# fcn depth 2 width 16 on digits (64 inputs, 10 classes): Linear "1" is 16x64, the head "4" 10x16
+FCN_FULL_RANKS = {"1": 16, "4": 10}
 
 
 def jobs(session: Session) -> int:
@@ -120,3 +125,72 @@ def test_select_settings_of_the_wrong_type_are_422_naming_the_field(
 
     assert resp.status_code == 422, resp.text
     assert "compress.params_budget.budget: expected a number, got a string" in resp.json()["detail"]
+
+
+# ---------------------------------------------------------------------------------------
+# compress.ranks at submit
+
+
+def ranks_job(ranks: Any) -> dict[str, Any]:
+    return SMALL_JOB | {"compress": {"policy": "ranks", "ranks": ranks}}
+
+
+@pytest.mark.parametrize(
+    ("ranks", "fragments"),
+    [
+        ({"1": 10**20}, ["compress.ranks.ranks", "'1' (a number of 21 digits)", "never above 2147483647"]),
+        ({"1": 2**31}, ["compress.ranks.ranks", "'1' (2147483648)"]),
+        ({"1": 1e20}, ["compress.ranks.ranks.1: expected an integer, got 1e+20"]),
+        ({"1": True}, ["compress.ranks.ranks.1: expected an integer, got a boolean"]),
+        ({"1": 0}, ["compress.ranks.ranks", "at least 1", "'1' (0)"]),
+        ({"1": 17}, ["compress.ranks: out of range: '1' is 17, valid 1..16 (its full rank)"]),
+        ({"4": 3, "1": 2**31 - 1}, ["'1' is 2147483647, valid 1..16"]),
+        ({"4": 11}, ["'4' is 11, valid 1..10"]),
+        (
+            {"layers.0": 3},
+            ["compress.ranks: fcn has no truncatable layer named 'layers.0'", "its layers are 1, 4"],
+        ),
+    ],
+    ids=["1e20-integer", "2^31", "1e20-float", "true", "zero", "past-full-rank", "2^31-1", "head", "unknown"],
+)
+def test_a_rank_the_model_cannot_take_is_422_at_submit_naming_the_layer(
+    client: TestClient, alice: Caller, session: Session, ranks: dict[str, Any], fragments: list[str]
+) -> None:
+    resp = client.post("/v1/jobs", headers=alice.headers, json=ranks_job(ranks))
+
+    assert resp.status_code == 422, resp.text  # was 202; the worker refused it minutes later
+    for fragment in fragments:
+        assert fragment in resp.json()["detail"]
+    assert jobs(session) == 0
+
+
+def test_the_plan_checks_ranks_as_submit_does(client: TestClient, alice: Caller) -> None:
+    resp = client.post("/v1/plan", headers=alice.headers, json=ranks_job({"1": 17}))
+
+    assert resp.status_code == 422, resp.text
+    assert "'1' is 17, valid 1..16" in resp.json()["detail"]
+
+
+def test_ranks_within_every_layers_full_rank_are_accepted(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    resp = client.post("/v1/jobs", headers=alice.headers, json=ranks_job(FCN_FULL_RANKS))
+    assert resp.status_code == 202, resp.text
+
+    low = client.post("/v1/jobs", headers=alice.headers, json=ranks_job({"1": 1}))
+    assert low.status_code == 202, low.text
+    job = session.get(Job, low.json()["id"])
+    assert job is not None and job.config["compress"]["ranks"] == {"1": 1}
+
+
+def test_select_still_checks_ranks_against_the_parent(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    parent_id = submit(client, alice)
+    succeed_with_report(session, parent_id, {"layers.0": 16, "head": 10})
+
+    body = {"compress": {"policy": "ranks", "ranks": {"layers.0": 17}}}
+    resp = client.post(f"/v1/jobs/{parent_id}/select", headers=alice.headers, json=body)
+
+    assert resp.status_code == 422, resp.text
+    assert "compress.ranks: out of range: 'layers.0' is 17, valid 1..16" in resp.json()["detail"]

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from core.config import ConfigError, load_config, parse_config
+from core.config import MAX_RANK, ConfigError, load_config, parse_config
+from core.layers import full_ranks
+from core.report import read_report
+from tests.reports import SEARCH_JOB
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
 
@@ -104,3 +107,47 @@ def test_the_shipped_examples_still_parse(path: Path) -> None:
 
 def test_the_examples_exist() -> None:
     assert len(EXAMPLES) >= 3
+
+
+# ---------------------------------------------------------------------------------------
+# compress.ranks: what can be refused without the model
+
+
+def _ranks(ranks: Any) -> dict[str, Any]:
+    return {**BASE, "compress": {"policy": "ranks", "ranks": ranks}}
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ({"1": 10**20}, "'1' (a number of 21 digits)"),
+        ({"1": 2**31}, f"'1' ({2**31})"),
+        ({"4": 3, "1": 2**40}, "'1'"),
+        ({"1": True}, "compress.ranks.ranks.1: expected an integer, got a boolean"),
+        ({"1": 1e20}, "compress.ranks.ranks.1: expected an integer, got 1e+20"),
+        ({"1": 3.5}, "compress.ranks.ranks.1: expected an integer, got 3.5"),
+        ({"1": "3"}, 'compress.ranks.ranks.1: expected an integer, got a string ("3")'),
+    ],
+)
+def test_a_rank_no_layer_can_have_is_refused_naming_the_layer(ranks: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_ranks(ranks))
+    assert message in str(err.value)
+    if "expected" not in message:
+        assert f"never above {MAX_RANK}" in str(err.value)
+
+
+def test_the_largest_rank_the_schema_takes() -> None:
+    config = parse_config(_ranks({"1": MAX_RANK}))  # the model decides whether the layer has it
+    assert config.compress.policy == "ranks" and config.compress.ranks == {"1": MAX_RANK}
+
+
+def test_full_ranks_of_a_meta_model_are_the_spectra_a_job_truncates(search_job_dir: Path) -> None:
+    """What the API checks ranks against at submit (a meta model, no SVD) is what the worker's
+    ``ranks`` policy checks them against (the SVD of the trained, collapsed model)."""
+    from core import zoo
+
+    report = read_report(search_job_dir)
+    model = zoo.build_meta_model(SEARCH_JOB["model"]["arch"], 10, (64,), SEARCH_JOB["model"]["options"])
+    assert full_ranks(model) == report.pareto[0].ranks  # the dense reference: every layer at full rank
+    assert full_ranks(model) == {k: row.full_rank for k, row in report.ranks.items()}
