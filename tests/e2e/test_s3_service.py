@@ -189,6 +189,7 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
             )
 
             gate.down()
+            down_at = time.monotonic()
             with (root / "blobs.npz").open("rb") as f:
                 refused = client.post("/v1/datasets", files={"file": ("again.npz", f)})
             assert refused.status_code == 503 and refused.headers.get("Retry-After"), refused.text
@@ -198,7 +199,15 @@ def test_an_s3_outage_mid_training_is_ridden_out_and_the_job_succeeds_once(
             assert client.get("/v1/datasets").json()["count"] == 1  # nothing kept
             during = client.get(f"/v1/jobs/{job_id}").json()
             assert during["status"] in ("running", "queued"), during
-            time.sleep(15)  # longer than a lease (6 s): the sweeper gets involved while the bucket is gone
+            # the bucket stays gone until the attempt has met the outage (its results could not be
+            # stored), and for longer than a lease (6 s): the sweeper gets involved meanwhile. Training
+            # alone never notices (a failed checkpoint upload is retried at the next epoch)
+            worker_log = root / "machine-a" / "worker.log"
+            deadline = time.monotonic() + 240
+            while "it will be retried" not in worker_log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, "the job never needed the bucket during the outage"
+                time.sleep(0.5)
+            time.sleep(max(0.0, 15 - (time.monotonic() - down_at)))
             still = client.get(f"/v1/jobs/{job_id}").json()
             assert still["status"] in ("running", "queued"), still  # not failed for the store's outage
             gate.up()
