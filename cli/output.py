@@ -100,6 +100,13 @@ def format_report_table(report: JobReport | Mapping[str, Any]) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"{factorized} of {len(report.ranks)} layers factorized; policy {report.policy}")
+    given = report.training
+    if given is not None and given.given_val_accuracy is not None:
+        lines.append(
+            f"your model as given, before LoRITa training: val {_fmt_acc(given.given_val_accuracy)}, "
+            f"test {_fmt_acc(given.given_test_accuracy)}"
+        )
+    lines.extend(f"warning: {w}" for w in report.warnings)
     speed = format_speed_table(report)
     if speed:
         lines.extend(["", speed])

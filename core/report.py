@@ -185,6 +185,16 @@ class TrainingInfo(_Part):
         description="Programs: how batch norm and dropout trained, as the program was exported "
         "(train mode: batch statistics; eval mode: frozen statistics).",
     )
+    given_val_accuracy: float | None = Field(
+        default=None,
+        description="Validation accuracy of the model as given (model.weights, or a program's own "
+        "weights), before LoRITa training; None when the job trained from scratch.",
+    )
+    given_test_accuracy: float | None = Field(
+        default=None,
+        description="Test accuracy of the model as given, before LoRITa training (a figure only: "
+        "no choice is made on it); None when the job trained from scratch.",
+    )
 
 
 class FinetuneInfo(_Part):
@@ -252,6 +262,11 @@ class JobReport(_Part):
         default=None, description="latency_budget: the lookup table's prediction and the measurement."
     )
     rounding: Rounding | None = Field(default=None, description="compress.round_to as applied.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What to know about this result before using it, with what to change (e.g. "
+        "LoRITa training left the model less accurate than it was given).",
+    )
 
     @property
     def chosen(self) -> SearchPoint | None:

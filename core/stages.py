@@ -225,6 +225,7 @@ def train(
 
     model, data = prepared.model, prepared.data
     with runner.stage(Stage.TRAIN, f"LoRITa training with N={tcfg.factors}"):
+        given = given_accuracy(config, model, data, prepared.device)
         targets = targets_of(model, tcfg.include, tcfg.exclude)
         chains = layer_space(model, targets, data.input_shape, tcfg)
         composed = compose(
@@ -258,7 +259,41 @@ def train(
         history=[EpochRecord.model_validate(r) for r in result.history],
         resumed_from_epoch=result.resumed_from_epoch,
         norm_mode=norm_mode_of(model),
+        given_val_accuracy=given[0] if given else None,
+        given_test_accuracy=given[1] if given else None,
     )
+
+
+def given_accuracy(
+    config: JobConfig, model: nn.Module, data: DataBundle, device: torch.device
+) -> tuple[float, float] | None:
+    """(val, test) accuracy of the model as the user gave it, before LoRITa trains it; None when
+    the job trains from scratch. The test figure is reported, never used for a choice."""
+    if not (config.model.weights or (config.model.program is not None and not config.model.from_scratch)):
+        return None
+    model.to(device)
+    return accuracy(model, data.val), accuracy(model, data.test)
+
+
+# A drop in validation accuracy from the model as given to the trained dense model past which the
+# report warns: every budget is measured from the trained model, so this loss is not in them
+GIVEN_DROP_WARNING = 0.01
+
+
+def result_warnings(config: JobConfig, training: TrainingInfo | None, dense_val: float | None) -> list[str]:
+    """What a user must know before using the result (see ``JobReport.warnings``)."""
+    warnings = []
+    given = training.given_val_accuracy if training is not None else None
+    if given is not None and dense_val is not None and given - dense_val > GIVEN_DROP_WARNING:
+        lr = config.train.lr if config.train is not None else None
+        lower = f"a lower train.lr than {lr:g} (e.g. {lr / 10:g})" if lr else "a lower train.lr"
+        warnings.append(
+            f"LoRITa training took your model from {100 * given:.2f}% to {100 * dense_val:.2f}% "
+            f"validation accuracy ({100 * (dense_val - given):+.2f} points) before any compression, "
+            "and every budget is measured from the trained model; to keep more of your model's "
+            f"accuracy, train with {lower} or for more epochs"
+        )
+    return warnings
 
 
 def checkpoint_tag(config: JobConfig, tcfg: TrainConfig, data: DataBundle, num_classes: int) -> str:
@@ -700,6 +735,7 @@ def assemble(
         int8=Int8Info.model_validate(int8) if int8 else None,
         latency_search=LatencySearch.model_validate(compression.latency) if compression.latency else None,
         rounding=Rounding.model_validate(compression.rounding) if compression.rounding else None,
+        warnings=result_warnings(config, training, compression.dense_val),
     )
 
 

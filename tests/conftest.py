@@ -31,6 +31,16 @@ def real_report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def given_weights_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobReport, JobReport]:
+    """Uploaded weights and two LoRITa jobs on them (tests/reports.py), run once per session."""
+    from tests.reports import run_given_weights_jobs
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return run_given_weights_jobs(tmp_path_factory.mktemp("given-weights"))
+
+
 @pytest.fixture
 def real_report(real_report_dir: Path) -> JobReport:
     """The report of that job, read back from its report.json."""

@@ -39,3 +39,37 @@ def run_tiny_job(out_dir: Path) -> JobReport:
     from core.pipeline import run_job
 
     return run_job(parse_config(TINY_JOB), out_dir)
+
+
+# an FCN as a user would upload it: trained plainly (N=1) on digits, no compression
+PLAIN_JOB: dict[str, Any] = {
+    "model": {"arch": "fcn", "options": {"depth": 3, "width": 48}},
+    "dataset": {"name": "digits"},
+    "train": {"factors": 1, "epochs": 8, "lr": 0.01, "batch_size": 64},
+    "compress": {"policy": "none"},
+    "measure": {"latency": False},
+    "export": ["safetensors"],
+    "device": "cpu",
+}
+
+
+def given_weights_job(weights: Path, lr: float) -> dict[str, Any]:
+    """LoRITa (N=2, one epoch of Adam at ``lr``) on the uploaded ``weights`` of :data:`PLAIN_JOB`'s model."""
+    return PLAIN_JOB | {
+        "model": PLAIN_JOB["model"] | {"weights": str(weights)},
+        "train": {"factors": 2, "epochs": 1, "lr": lr, "batch_size": 64},
+        "compress": {"policy": "global", "keep": 0.5},
+    }
+
+
+def run_given_weights_jobs(root: Path) -> tuple[Path, JobReport, JobReport]:
+    """The uploaded weights, and two LoRITa jobs on them: one whose training wrecks the model
+    (Adam at lr 1.0) and one that barely moves it (lr 1e-5). A few seconds on one core."""
+    from core.config import parse_config
+    from core.pipeline import run_job
+
+    run_job(parse_config(PLAIN_JOB), root / "plain")
+    weights = root / "plain" / "dense" / "model.safetensors"
+    wrecked = run_job(parse_config(given_weights_job(weights, 1.0)), root / "wrecked")
+    gentle = run_job(parse_config(given_weights_job(weights, 1e-5)), root / "gentle")
+    return weights, wrecked, gentle
