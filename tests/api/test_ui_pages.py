@@ -217,3 +217,26 @@ def test_use_this_point_posts_the_points_index_and_the_derived_job_takes_its_ran
     assert not_a_number.status_code == 422 and "point" in not_a_number.text
     assert other.status_code == 404
     assert session.query(Job).filter(Job.parent_id == job_id).count() == 1
+
+
+def test_the_job_page_shows_the_given_models_accuracy_and_the_reports_warnings(
+    client: TestClient, alice: Caller, session: Session, given_weights_reports: tuple[Any, Any, Any]
+) -> None:
+    from store.models import Result
+    from store.status import JobStatus
+
+    _, wrecked, _ = given_weights_reports
+    job_id = submit(client, alice)
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.status = JobStatus.SUCCEEDED
+    session.add(Result(job_id=job_id, report=wrecked.model_dump(mode="json")))
+    session.commit()
+    sign_in(client, alice)
+
+    page = client.get(f"/ui/jobs/{job_id}").text
+
+    given = wrecked.training.given_val_accuracy
+    assert f"Your model as given, before LoRITa training: validation accuracy {100 * given:.2f}%" in page
+    [warning] = wrecked.warnings
+    assert '<p class="warning" role="note">' + warning.replace("'", "&#39;") + "</p>" in page
