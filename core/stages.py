@@ -271,8 +271,13 @@ def given_accuracy(
     the job trains from scratch. The test figure is reported, never used for a choice."""
     if not (config.model.weights or (config.model.program is not None and not config.model.from_scratch)):
         return None
-    model.to(device)
-    return accuracy(model, data.val), accuracy(model, data.test)
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else device
+    model.to(device)  # evaluated where it will train; composed where it was built, as before
+    try:
+        return accuracy(model, data.val), accuracy(model, data.test)
+    finally:
+        model.to(home)
 
 
 # A drop in validation accuracy from the model as given to the trained dense model past which the
