@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from store.models import Job
 from tests.api.conftest import Caller
-from tests.api.test_operating_points import SMALL_JOB, submit, succeed_with_dense, succeed_with_report
+from tests.api.test_operating_points import SMALL_JOB, submit, succeed_with_dense
 
 pytestmark = pytest.mark.postgres
 
@@ -181,16 +181,3 @@ def test_ranks_within_every_layers_full_rank_are_accepted(
     assert low.status_code == 202, low.text
     job = session.get(Job, low.json()["id"])
     assert job is not None and job.config["compress"]["ranks"] == {"1": 1}
-
-
-def test_select_still_checks_ranks_against_the_parent(
-    client: TestClient, alice: Caller, session: Session
-) -> None:
-    parent_id = submit(client, alice)
-    succeed_with_report(session, parent_id, {"layers.0": 16, "head": 10})
-
-    body = {"compress": {"policy": "ranks", "ranks": {"layers.0": 17}}}
-    resp = client.post(f"/v1/jobs/{parent_id}/select", headers=alice.headers, json=body)
-
-    assert resp.status_code == 422, resp.text
-    assert "compress.ranks: out of range: 'layers.0' is 17, valid 1..16" in resp.json()["detail"]
