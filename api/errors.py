@@ -93,24 +93,39 @@ def format_request_errors(errors: Sequence[Any]) -> str:
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
 
+def _unreadable_why(cause: BaseException | None) -> str:
+    """Why the JSON decoder gave up (FastAPI chains its exception to the 400 it raises)."""
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "it holds a number too long"
+    return "not UTF-8, nested too deeply, or a number too long"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400 and request.headers.get("content-type", "").startswith("multipart/"):
         # Starlette's own 400s for a form it cannot parse ("Invalid multipart data.", "Missing
         # boundary in multipart."): no route answers 400, so this is the body, and it says how
+        reason = str(exc.detail).rstrip(".")
+        if request.url.path.startswith("/ui/") and not request.url.path.startswith("/ui/api/"):
+            fix = "sign in again from the page (/ui/login) and submit its form as it is"
+            return JSONResponse({"detail": f"invalid form body ({reason}); {fix}"}, status_code=422)
         return JSONResponse(
             {
-                "detail": f"invalid multipart/form-data body ({str(exc.detail).rstrip('.')}); send the file "
+                "detail": f"invalid multipart/form-data body ({reason}); send the file "
                 "as a form field named 'file' with a complete multipart body, e.g. curl -F file=@data.npz"
             },
             status_code=422,
         )
     if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
-        # bad input like any other: a 422 that says what to send
+        # bad input like any other: a 422 that says what to send, and why it could not be read
         return JSONResponse(
             {
-                "detail": "invalid request: the body cannot be read; send UTF-8 JSON for job configs, "
-                "or multipart/form-data for uploads"
+                "detail": f"invalid request: the body cannot be read as JSON ({_unreadable_why(exc.__cause__)}); "
+                "send UTF-8 JSON for job configs, or multipart/form-data for uploads"
             },
             status_code=422,
         )

@@ -771,3 +771,34 @@ def test_an_empty_idempotency_key_is_422_not_a_replay_of_the_first_job(
     assert resp.status_code == 422, resp.text
     assert "Idempotency-Key" in detail(resp)
     assert rows(session, Job) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "cause"),
+    [
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"train": {"epochs": ' + b"9" * 5000 + b"}}", "a number too long"),
+        (b'{"name": "\xff\xfe"}', "not UTF-8"),
+    ],
+    ids=["nested-100k-deep", "5000-digit-number", "not-utf-8"],
+)
+def test_a_job_body_that_cannot_be_read_says_why_it_may_be(
+    client: TestClient, alice: Caller, session: Session, body: bytes, cause: str
+) -> None:
+    resp = client.post("/v1/jobs", headers=alice.headers | {"Content-Type": "application/json"}, content=body)
+
+    assert resp.status_code == 422, resp.text
+    assert detail(resp).startswith("invalid request: the body cannot be read as JSON")
+    assert cause in detail(resp)
+    assert rows(session, Job) == 0
+
+
+def test_a_broken_sign_in_form_is_told_to_sign_in_again_not_to_upload_a_file(client: TestClient) -> None:
+    resp = client.post(
+        "/ui/login",
+        headers={"Content-Type": "multipart/form-data", "Origin": "http://testserver"},
+        content=b"--x",
+    )
+
+    assert resp.status_code == 422, resp.text
+    assert "sign in again from the page" in resp.text and "curl -F file=@" not in resp.text
