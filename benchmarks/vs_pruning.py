@@ -55,6 +55,7 @@ from core.pipeline import DENSE_DIR, finetune_settings, select  # noqa: E402
 from core.train import accuracy, fit  # noqa: E402
 
 BUDGETS = (0.30, 0.20, 0.15, 0.10, 0.07)
+FROM_PLAIN = "from-plain"  # the column of LoRITa trained from the plain model's weights (--from-plain)
 
 
 def magnitude_prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
@@ -118,17 +119,31 @@ def run_seed(
     allocations: list[str],
     cache: Path | None,
     ft_lr: float | None = None,
+    from_plain: bool = False,
+    prune_ft: int | None = None,
 ) -> list[dict[str, Any]]:
     plain_cfg = init_job_config(data_name, init, seed, epochs, lr, wd, ft, 0.15, factors=1)
     ours_cfg = init_job_config(data_name, init, seed, epochs, lr, wd, ft, 0.15, factors=3)
     if ft_lr is not None:  # unset keeps the job's default (the training lr) and the cache key
         for cfg in (plain_cfg, ours_cfg):
             cfg["finetune"]["lr"] = ft_lr
+    prune_cfg = copy.deepcopy(plain_cfg)  # how the pruned models are fine-tuned (not a cache key)
+    if prune_ft is not None:
+        prune_cfg["finetune"]["epochs"] = prune_ft
     data = load_data(parse_config(plain_cfg).dataset, seed=seed)
     example = data.val.tensors[0][:2]
     rows = []
     plain_dir, plain_job, _, plain_holder = trained_job(plain_cfg, cache)
     ours_dir, ours_job, _, ours_holder = trained_job(ours_cfg, cache)
+    # the service's upload flow: LoRITa trains the plain model's own trained weights
+    sources = [(alloc, ours_dir) for alloc in allocations]
+    warm_holder = None
+    if from_plain:
+        warm_cfg = copy.deepcopy(ours_cfg)
+        warm_cfg["name"] = f"{warm_cfg['name']}-from-plain"
+        warm_cfg["model"]["weights"] = str(plain_dir / DENSE_DIR / "model.safetensors")
+        warm_dir, _, _, warm_holder = trained_job(warm_cfg, cache)
+        sources.append((FROM_PLAIN, warm_dir))
     with tempfile.TemporaryDirectory() as tmp:
         plain = load_model(plain_dir / DENSE_DIR).eval()
         ours_dense = load_model(ours_dir / DENSE_DIR).eval()
@@ -145,13 +160,15 @@ def run_seed(
                 pruned, ratio = prune_to_budget(source, example, budget)
                 row[f"{key}_kept"] = count_params(pruned) / count_params(source)
                 row[f"{key}_test_before"] = accuracy(pruned, data.test)
-                tuned, _ = finetuned(pruned, data, plain_cfg)
+                tuned, _ = finetuned(pruned, data, prune_cfg)
                 row[f"{key}_test"] = accuracy(tuned, data.test)
                 row[f"{key}_ratio"] = ratio
-            for alloc in allocations:
-                policy = {"policy": "params_budget", "budget": budget, "allocation": alloc}
-                rep = _as_dict(select(ours_dir, policy, Path(tmp) / f"sel-{budget}-{alloc}", finetune=True))
-                raw = _as_dict(select(ours_dir, policy, Path(tmp) / f"raw-{budget}-{alloc}", finetune=False))
+            for alloc, job_dir in sources:
+                policy = {"policy": "params_budget", "budget": budget}
+                if alloc != FROM_PLAIN:
+                    policy["allocation"] = alloc
+                rep = _as_dict(select(job_dir, policy, Path(tmp) / f"sel-{budget}-{alloc}", finetune=True))
+                raw = _as_dict(select(job_dir, policy, Path(tmp) / f"raw-{budget}-{alloc}", finetune=False))
                 row[f"lorita_{alloc}"] = {
                     "kept": rep["params"]["ratio"],
                     "test_before": raw["accuracy"]["test"]["after"],
@@ -160,7 +177,7 @@ def run_seed(
                 }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    for holder in (plain_holder, ours_holder):
+    for holder in (plain_holder, ours_holder, warm_holder):
         if holder is not None:
             holder.cleanup()
     return rows
@@ -171,7 +188,15 @@ def _mean(xs: list[float]) -> float:
 
 
 def _allocations(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted({k.removeprefix("lorita_") for r in rows for k in r if k.startswith("lorita_")})
+    found = {k.removeprefix("lorita_") for r in rows for k in r if k.startswith("lorita_")}
+    return sorted(found - {FROM_PLAIN}) + sorted(found & {FROM_PLAIN})
+
+
+def _label(variant: str) -> str:
+    """A LoRITa column's name: the allocation, or training from the plain model's weights."""
+    if variant == FROM_PLAIN:
+        return "LoRITa from the plain model's trained weights (global)"
+    return f"LoRITa, allocation {variant}"
 
 
 def render(rows: list[dict[str, Any]], note: str) -> str:
@@ -179,8 +204,7 @@ def render(rows: list[dict[str, Any]], note: str) -> str:
     lines = [
         "| data | budget | seeds | pruning (plain N=1): params kept, test before / after FT | "
         + " | ".join(
-            f"LoRITa, allocation {a}: params kept, test (before /) after FT | LoRITa ({a}) - pruning"
-            for a in allocs
+            f"{_label(a)}: params kept, test (before /) after FT | LoRITa ({a}) - pruning" for a in allocs
         )
         + " | pruning of LoRITa's dense model: test after FT |",
         "|---|---|---|---|" + "---|---|" * len(allocs) + "---|",
@@ -256,6 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--allocations", nargs="+", default=["global", "sensitivity"], choices=["global", "sensitivity"]
     )
+    p.add_argument(
+        "--from-plain",
+        action="store_true",
+        help="also LoRITa (N=3, global) trained from the plain model's trained weights, as an "
+        "uploaded model is: the same epochs and optimizer again, then the same budgets",
+    )
+    p.add_argument(
+        "--prune-finetune-epochs",
+        type=int,
+        help="fine-tuning epochs for the pruned models only (default: --finetune-epochs); e.g. "
+        "--finetune-epochs + --epochs to give pruning the epochs --from-plain trains for",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--job-cache", type=Path, default=JOB_CACHE, help="trained jobs kept and reused here")
     p.add_argument("--no-cache", action="store_true")
@@ -282,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.allocations,
                 None if args.no_cache else args.job_cache,
                 args.finetune_lr,
+                args.from_plain,
+                args.prune_finetune_epochs,
             )
             rows += new
             if args.rows_out:
@@ -294,10 +332,24 @@ def main(argv: list[str] | None = None) -> int:
         f"LoRITa: N=3, train.init {args.init!r}, params_budget (compress.allocation as in each column) "
         f"decided on validation (max_evals 20). Pruning: Torch-Pruning MetaPruner, L2 magnitude importance, "
         "one ratio for every hidden layer, classifier outputs kept, ratio bisected to the largest model "
-        f"within the budget. Both fine-tuned {args.finetune_epochs} epochs (Adam lr "
+        "within the budget. "
+        + (
+            f"Both fine-tuned {args.finetune_epochs} epochs"
+            if args.prune_finetune_epochs is None
+            else f"Pruned models fine-tuned {args.prune_finetune_epochs} epochs, LoRITa's {args.finetune_epochs}"
+        )
+        + " (Adam lr "
         f"{args.finetune_lr if args.finetune_lr is not None else args.lr:g}, "
         "cosine, keep-the-better on validation). Test accuracy in %, means over seeds "
         + ", ".join(str(s) for s in sorted({r["seed"] for r in rows}))
+        + (
+            ". 'From the plain model's trained weights': LoRITa (N=3) trained from the pruning "
+            "baseline's own trained model, as an uploaded model is (train.init 'weights': a balanced "
+            "factorization of its weights), for the same epochs with the same optimizer, then the same "
+            "budgets (global allocation) and fine-tuning"
+            if any(f"lorita_{FROM_PLAIN}" in r for r in rows)
+            else ""
+        )
         + (f". Wall time {(time.perf_counter() - t0) / 60:.1f} min" if not args.from_rows else "")
         + f". {environment(args.threads)}."
     )
