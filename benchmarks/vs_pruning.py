@@ -12,6 +12,9 @@ For each seed, on the same data split:
   ``core.pipeline.select`` (``params_budget``, decided on validation) and the same fine-tuning.
 - **pruning of LoRITa's dense model**: the pruning above applied to our job's collapsed dense
   model instead of the plain one (shows how much comes from the training alone).
+- ``--from-plain``: also LoRITa trained from the plain model's own trained weights, as a job on an
+  uploaded model does (``model.weights``); ``--prune-finetune-epochs`` gives the pruned models as
+  many fine-tuning epochs as that extra training (compute-matched).
 
 Parameters are counted with ``core.metrics.count_params`` (weights, biases, BatchNorm) for all.
 
