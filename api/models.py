@@ -16,6 +16,7 @@ from api.limits import Offset, check_text
 from api.quotas import check_upload
 from api.schemas import ModelRead, ModelsRead
 from api.uploads import ValidationSlotsDep, clean_filename, commit_record, save_upload
+from core.config import check_options
 from store.artifacts import model_key
 from store.models import ModelRecord, new_id
 from store.repositories import models as model_repo
@@ -57,6 +58,10 @@ def parse_options(text: str | None) -> dict[str, Any]:
         ) from None
     if not isinstance(options, dict):
         raise AppError(422, 'options must be a JSON object, e.g. {"depth": 3}')
+    try:  # the bounds a job config's model.options has: a 200,000-item list took seconds to walk
+        check_options(options)
+    except ValueError as err:
+        raise AppError(422, f"options: {err}") from None
     check_text(options, "options")
     return options
 

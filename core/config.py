@@ -54,6 +54,15 @@ def _plain_json(value: Any, where: str, depth: int = 0) -> None:
             _plain_json(v, f"{where}.{k}", depth + 1)
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """Architecture options as a job config takes them (ValueError saying what is wrong): at most
+    ``MAX_OPTIONS``, each a JSON scalar or a short list of them. Uploaded models' options too."""
+    if len(options) > MAX_OPTIONS:
+        raise ValueError(f"{len(options)} options; an architecture takes at most {MAX_OPTIONS}")
+    for key, value in options.items():
+        _plain_json(value, key)
+
+
 class ModelConfig(_Strict):
     arch: str | None = Field(
         default=None,
@@ -114,10 +123,7 @@ class ModelConfig(_Strict):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if len(options) > MAX_OPTIONS:
-            raise ValueError(f"{len(options)} options; an architecture takes at most {MAX_OPTIONS}")
-        for key, value in options.items():
-            _plain_json(value, key)
+        check_options(options)
         arch = info.data.get("arch")
         if isinstance(arch, str):
             from core import zoo

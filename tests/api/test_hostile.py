@@ -802,3 +802,19 @@ def test_a_broken_sign_in_form_is_told_to_sign_in_again_not_to_upload_a_file(cli
 
     assert resp.status_code == 422, resp.text
     assert "sign in again from the page" in resp.text and "curl -F file=@" not in resp.text
+
+
+def test_uploaded_model_options_have_the_bounds_of_a_job_configs(
+    client: TestClient, alice: Caller, session: Session
+) -> None:
+    # a 200,000-item list once took seconds to walk and came back whole inside the message
+    long_list = '{"depth": [' + "0," * 200_000 + "0]}"
+    deep = '{"width": ' + '{"a": ' * 900 + "1" + "}" * 900 + "}"
+
+    for options in (long_list, deep):
+        resp = post_model(client, alice, "w.safetensors", b"\0" * 16, options=options)
+
+        assert resp.status_code == 422, resp.text
+        assert "is nested too deep or too long; options are plain values" in detail(resp)
+        assert detail(resp).startswith("options: ") and len(detail(resp)) < 200
+    assert rows(session, ModelRecord) == 0
