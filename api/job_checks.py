@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.errors import AppError
-from core.config import JobConfig, RanksPolicy
+from core.config import JobConfig, RanksPolicy, shown_int
 from store.repositories import datasets as dataset_repo
 from store.settings import Settings
 
@@ -44,8 +44,9 @@ def check_option_sizes(options: Mapping[str, Any], where: str) -> None:
         elif isinstance(value, list | tuple):
             stack += [(f"{path}.{i}", v) for i, v in enumerate(value)]
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OPTION_INT:
-            shown = str(value) if abs(value) < 10**15 else f"a number of {len(str(abs(value)))} digits"
-            raise AppError(422, f"{path}: {shown} is far too large; an option is at most {MAX_OPTION_INT}")
+            raise AppError(
+                422, f"{path}: {shown_int(value)} is far too large; an option is at most {MAX_OPTION_INT}"
+            )
 
 
 def check_ranks_against(full: Mapping[str, int], ranks: Mapping[str, int], owner: str) -> None:

@@ -329,7 +329,7 @@ class RanksPolicy(_Policy):
         bad = [f"{name!r} ({rank})" for name, rank in ranks.items() if rank < 1]
         if bad:
             raise ValueError(f"a kept rank is at least 1; fix layer(s) {', '.join(bad[:5])}")
-        huge = [f"{name!r} ({_shown_int(rank)})" for name, rank in ranks.items() if rank > MAX_RANK]
+        huge = [f"{name!r} ({shown_int(rank)})" for name, rank in ranks.items() if rank > MAX_RANK]
         if huge:
             raise ValueError(
                 f"a kept rank is at most the layer's full rank, and never above {MAX_RANK}: "
@@ -426,7 +426,7 @@ class ConfigError(ValueError):
     """A config a person must fix; the message says what and how."""
 
 
-def _shown_int(value: int) -> str:
+def shown_int(value: int) -> str:
     """An integer as a message shows it: a huge one by its length."""
     return str(value) if abs(value) < 10**15 else f"a number of {len(str(abs(value)))} digits"
 
@@ -438,7 +438,7 @@ def shown_value(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
-        return "an integer" if abs(value) < 10**15 else _shown_int(value)
+        return "an integer" if abs(value) < 10**15 else shown_int(value)
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
